@@ -1,0 +1,50 @@
+"""The database connection, the metadata, and the models."""
+
+import os
+from typing import Any
+
+import ormar
+import sqlalchemy
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///db.sqlite")
+
+if DATABASE_URL.startswith("sqlite"):
+    engine_options: dict[str, Any] = {
+        # Concurrent writers wait up to 5 s for SQLite's single write lock instead of
+        # failing at once with "database is locked".
+        "connect_args": {"timeout": 5},
+        # Saves a per-query isolation-level switch; ormar's transactions still send BEGIN.
+        "isolation_level": "AUTOCOMMIT",
+    }
+else:
+    engine_options = {
+        # A fixed-size pool: overflow connections are opened and closed per request.
+        "pool_size": int(os.environ.get("DATABASE_POOL_SIZE", "20")),
+        "max_overflow": int(os.environ.get("DATABASE_MAX_OVERFLOW", "0")),
+    }
+
+database = ormar.DatabaseConnection(DATABASE_URL, **engine_options)
+
+# Named constraints, so that migrations (batch mode on SQLite) can drop them later.
+metadata = sqlalchemy.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# What ormar's docs call `base_ormar_config`; every model copies it.
+BaseMeta = ormar.OrmarConfig(database=database, metadata=metadata)
+
+
+class Users(ormar.Model):
+    ormar_config = BaseMeta.copy(tablename="users")
+
+    id: int = ormar.Integer(primary_key=True)
+    email: str = ormar.String(max_length=64, unique=True)
+    # Holds the argon2 hash of the password, never the password itself.
+    password: str = ormar.String(max_length=128)
+    is_active: bool = ormar.Boolean(default=True)

@@ -1,0 +1,89 @@
+"""Alembic's migration environment (the `alembic init -t async` template, adapted)."""
+
+import asyncio
+from logging.config import fileConfig
+from typing import Any
+
+from alembic import context
+from alembic.autogenerate.api import AutogenContext
+from sqlalchemy import pool
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+# Models kept in other modules must be imported here, so that autogenerate sees
+# their tables in the metadata (see the README).
+from db import DATABASE_URL, BaseMeta
+
+config = context.config
+
+if config.config_file_name is not None:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+target_metadata = BaseMeta.metadata
+
+
+def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> Any:
+    """Import the module of any column type that is not SQLAlchemy's own.
+
+    Autogenerate writes such types by their full dotted path (ormar's UUID column is
+    `ormar.fields.sqlalchemy_uuid.CHAR(32)`); without the import the revision fails.
+    """
+    module = type(obj).__module__
+    if type_ == "type" and not module.startswith("sqlalchemy"):
+        autogen_context.imports.add(f"import {module}")
+    return False  # render the item the default way
+
+
+def configure(**options: Any) -> None:
+    context.configure(
+        target_metadata=target_metadata,
+        compare_type=True,
+        render_item=render_item,
+        **options,
+    )
+
+
+def run_migrations_offline() -> None:
+    """Emit the migrations as SQL on stdout (`alembic upgrade head --sql`)."""
+    configure(
+        url=DATABASE_URL, literal_binds=True, dialect_opts={"paramstyle": "named"}
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def do_run_migrations(connection: Connection) -> None:
+    # SQLite cannot ALTER most things in place: batch mode rebuilds the table instead.
+    configure(
+        connection=connection, render_as_batch=connection.dialect.name == "sqlite"
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_async_migrations(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        await connection.run_sync(do_run_migrations)
+
+
+def run_migrations_online() -> None:
+    """Run the migrations on a live database.
+
+    Callers such as pytest-alembic may hand over an engine or a connection of their
+    own in `config.attributes["connection"]`; otherwise connect to DATABASE_URL.
+    """
+    connectable = config.attributes.get("connection")
+    if isinstance(connectable, Connection):
+        do_run_migrations(connectable)
+    elif isinstance(connectable, AsyncEngine):
+        asyncio.run(run_async_migrations(connectable))
+    else:
+        # NullPool: the connection closes with the migration, nothing stays open.
+        engine = create_async_engine(DATABASE_URL, poolclass=pool.NullPool)
+        asyncio.run(run_async_migrations(engine))
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()
