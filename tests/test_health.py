@@ -1,0 +1,49 @@
+"""/health: the database answers and is at the newest migration."""
+
+import anyio.to_thread
+import httpx
+import pytest
+from alembic import command
+from conftest import TEST_DATABASE_URL, alembic_config, execute_autocommit
+
+from main import MIGRATIONS_HEAD, app
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_health_reports_the_migration_revision(client: httpx.AsyncClient) -> None:
+    response = await client.get(app.url_path_for("health"))
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "revision": MIGRATIONS_HEAD}
+
+
+async def test_health_is_503_when_the_database_is_not_at_the_head(
+    client: httpx.AsyncClient,
+) -> None:
+    # alembic's commands start an event loop of their own: run them off this one.
+    await anyio.to_thread.run_sync(command.stamp, alembic_config(), "base")
+    try:
+        response = await client.get(app.url_path_for("health"))
+    finally:
+        await anyio.to_thread.run_sync(command.stamp, alembic_config(), "head")
+    assert response.status_code == 503
+    assert response.json() == {
+        "detail": f"Database is at revision None, expected {MIGRATIONS_HEAD}"
+    }
+
+
+async def test_health_is_503_when_the_database_check_fails(
+    client: httpx.AsyncClient,
+) -> None:
+    await execute_autocommit(
+        TEST_DATABASE_URL, "ALTER TABLE alembic_version RENAME TO hidden"
+    )
+    try:
+        response = await client.get(app.url_path_for("health"))
+    finally:
+        await execute_autocommit(
+            TEST_DATABASE_URL, "ALTER TABLE hidden RENAME TO alembic_version"
+        )
+    assert response.status_code == 503
+    assert response.json()["detail"].startswith("Database check failed: ")
+    assert "alembic_version" in response.json()["detail"]

@@ -1,0 +1,144 @@
+"""The migrations: history, upgrade and downgrade, agreement with the models, and the
+tutorial's workflow of changing a model and autogenerating a revision."""
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+from conftest import PROJECT_DIR
+from pytest_alembic import MigrationContext
+
+# pytest-alembic's built-in checks: one head; upgrade from empty to head; every
+# revision downgrades; the models match what the migrations build (`alembic check`).
+from pytest_alembic.tests import (  # noqa: F401
+    test_model_definitions_match_ddl,
+    test_single_head_revision,
+    test_up_down_consistency,
+    test_upgrade,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+# `.schema users` in the tutorial, after its two revisions.
+TUTORIAL_SCHEMA = {
+    "columns": {
+        "id": ("INTEGER", False),
+        "email": ("VARCHAR(64)", False),
+        "password": ("VARCHAR(128)", False),
+        "is_active": ("BOOLEAN", True),
+    },
+    "primary_key": ["id"],
+    "unique": [["email"]],
+}
+
+
+def users_table(engine: AsyncEngine) -> dict[str, Any]:
+    """The users table as the database describes it, or {} if there is none."""
+
+    def inspect(connection: sqlalchemy.Connection) -> dict[str, Any]:
+        inspector = sqlalchemy.inspect(connection)
+        if not inspector.has_table("users"):
+            return {}
+        return {
+            "columns": {
+                column["name"]: (str(column["type"]), column["nullable"])
+                for column in inspector.get_columns("users")
+            },
+            "primary_key": inspector.get_pk_constraint("users")["constrained_columns"],
+            "unique": [
+                c["column_names"] for c in inspector.get_unique_constraints("users")
+            ],
+        }
+
+    async def run() -> dict[str, Any]:
+        async with engine.connect() as connection:
+            return await connection.run_sync(inspect)
+
+    return asyncio.run(run())
+
+
+def test_upgrade_downgrade_upgrade_builds_the_tutorial_schema(
+    alembic_runner: MigrationContext, alembic_engine: AsyncEngine
+) -> None:
+    alembic_runner.migrate_up_to("heads")
+    assert users_table(alembic_engine) == TUTORIAL_SCHEMA
+
+    alembic_runner.migrate_down_to("base")
+    assert users_table(alembic_engine) == {}
+
+    alembic_runner.migrate_up_to("heads")
+    assert users_table(alembic_engine) == TUTORIAL_SCHEMA
+
+
+def copy_project(tmp_path: Path) -> Path:
+    """The files a user edits in the tutorial, copied so that the test may change them."""
+    copy = tmp_path / "project"
+    copy.mkdir()
+    for name in ("alembic.ini", "db.py", ".ruff.toml"):
+        shutil.copy(PROJECT_DIR / name, copy)
+    shutil.copytree(
+        PROJECT_DIR / "migrations",
+        copy / "migrations",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    return copy
+
+
+def add_field(project: Path, line: str) -> None:
+    db = project / "db.py"
+    db.write_text(db.read_text() + f"    {line}\n")
+
+
+def alembic(project: Path, database_url: str, *args: str) -> str:
+    """Run the alembic command line in `project`; return what it printed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", *args],
+        cwd=project,
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_adding_a_field_autogenerates_a_revision_that_upgrades_and_downgrades(
+    tmp_path: Path, empty_database_url: str
+) -> None:
+    project = copy_project(tmp_path)
+    engine = create_async_engine(empty_database_url, poolclass=sqlalchemy.NullPool)
+    alembic(project, empty_database_url, "upgrade", "head")
+    add_field(project, "nickname: str = ormar.String(max_length=32, nullable=True)")
+
+    output = alembic(
+        project, empty_database_url, "revision", "--autogenerate", "-m", "nick"
+    )
+    assert "Detected added column 'users.nickname'" in output
+
+    alembic(project, empty_database_url, "upgrade", "head")
+    assert users_table(engine)["columns"]["nickname"] == ("VARCHAR(32)", True)
+
+    alembic(project, empty_database_url, "downgrade", "-1")
+    assert users_table(engine) == TUTORIAL_SCHEMA
+
+
+def test_revisions_with_ormar_column_types_run_as_written(
+    tmp_path: Path, empty_database_url: str
+) -> None:
+    # ormar's UUID column renders as `ormar.fields.sqlalchemy_uuid.CHAR(32)`.
+    project = copy_project(tmp_path)
+    add_field(project, "token: uuid.UUID = ormar.UUID(nullable=True)")
+    db = project / "db.py"
+    db.write_text("import uuid\n" + db.read_text())
+
+    alembic(project, empty_database_url, "upgrade", "head")
+    alembic(project, empty_database_url, "revision", "--autogenerate", "-m", "token")
+    alembic(project, empty_database_url, "upgrade", "head")
+    assert "No new upgrade operations detected" in alembic(
+        project, empty_database_url, "check"
+    )
+    alembic(project, empty_database_url, "downgrade", "-1")
