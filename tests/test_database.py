@@ -32,8 +32,15 @@ async def test_transactions_commit_and_roll_back(client: httpx.AsyncClient) -> N
     assert [user.email for user in await Users.objects.all()] == ["kept@example.com"]
 
 
-async def test_sqlite_runs_in_wal_mode(client: httpx.AsyncClient) -> None:
+async def test_sqlite_is_set_up_for_concurrent_requests(
+    client: httpx.AsyncClient,
+) -> None:
     if database.dialect.name != "sqlite":
-        pytest.skip("WAL is SQLite's")
+        pytest.skip("these are SQLite's settings")
     async with database.connection() as connection:
-        assert await connection.scalar(sqlalchemy.text("PRAGMA journal_mode")) == "wal"
+        for pragma, value in [
+            ("journal_mode", "wal"),
+            ("busy_timeout", 5000),
+            ("foreign_keys", 1),
+        ]:
+            assert await connection.scalar(sqlalchemy.text(f"PRAGMA {pragma}")) == value

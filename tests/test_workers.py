@@ -19,13 +19,25 @@ def server_url(empty_database_url: str) -> Iterator[str]:
     """Migrate a new database once, then start two workers on it, as the README says."""
     env = {**os.environ, "DATABASE_URL": empty_database_url}
     subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"], cwd=PROJECT_DIR, env=env, check=True
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=PROJECT_DIR,
+        env=env,
+        check=True,
     )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "main:app", "--workers", "2", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "main:app",
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+        ],
         cwd=PROJECT_DIR,
         env=env,
     )
@@ -55,7 +67,8 @@ async def test_two_workers_serve_the_api_on_one_database(server_url: str) -> Non
 
         async def sign_up_and_read(i: int) -> None:
             response = await client.post(
-                "/users", json={"email": f"user{i}@example.com", "password": "s3cret-pass"}
+                "/users",
+                json={"email": f"user{i}@example.com", "password": "s3cret-pass"},
             )
             statuses.append(response.status_code)
             if response.status_code == 201:
