@@ -63,15 +63,11 @@ async def hash_password(password: str) -> str:
 
 
 def is_unique_violation(error: IntegrityError) -> bool:
-    """Tell a unique-constraint violation (PostgreSQL or SQLite) from other integrity errors."""
-    code = getattr(error.orig, "sqlstate", None) or getattr(
-        error.orig, "sqlite_errorname", None
-    )
-    return code in ("23505", "SQLITE_CONSTRAINT_UNIQUE")
+    """Tell a unique-constraint violation from other integrity errors."""
+    postgresql_code = getattr(error.orig, "sqlstate", None)
+    sqlite_code = getattr(error.orig, "sqlite_errorname", None)
+    return postgresql_code == "23505" or sqlite_code == "SQLITE_CONSTRAINT_UNIQUE"
 
-
-EMAIL_TAKEN = HTTPException(status.HTTP_409_CONFLICT, detail="Email already registered")
-USER_NOT_FOUND = HTTPException(status.HTTP_404_NOT_FOUND, detail="User not found")
 
 MIGRATIONS_HEAD = ScriptDirectory.from_config(
     Config(Path(__file__).with_name("alembic.ini"))
@@ -102,7 +98,9 @@ async def create_user(body: UserCreate) -> Users:
     except IntegrityError as error:
         # The unique constraint decides, so two racing sign-ups cannot both succeed.
         if is_unique_violation(error):
-            raise EMAIL_TAKEN from None
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, "Email already registered"
+            ) from None
         raise
 
 
@@ -119,7 +117,7 @@ async def list_users(
 async def read_user(user_id: int) -> Users:
     user = await Users.objects.get_or_none(id=user_id)
     if user is None:
-        raise USER_NOT_FOUND
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "User not found")
     return user
 
 
@@ -134,7 +132,9 @@ async def update_user(user_id: int, body: UserUpdate) -> Users:
             await Users.objects.filter(id=user_id).update(**changes)
         except IntegrityError as error:
             if is_unique_violation(error):
-                raise EMAIL_TAKEN from None
+                raise HTTPException(
+                    status.HTTP_409_CONFLICT, "Email already registered"
+                ) from None
             raise
     return await read_user(user_id)
 
@@ -142,7 +142,7 @@ async def update_user(user_id: int, body: UserUpdate) -> Users:
 @app.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_user(user_id: int) -> None:
     if not await Users.objects.delete(id=user_id):
-        raise USER_NOT_FOUND
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "User not found")
 
 
 @app.get("/health")
