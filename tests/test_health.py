@@ -4,8 +4,8 @@ import anyio.to_thread
 import httpx
 import pytest
 from alembic import command
-from conftest import TEST_DATABASE_URL, alembic_config, execute_autocommit
 
+from conftest import TEST_DATABASE_URL, alembic_config, execute_autocommit
 from main import MIGRATIONS_HEAD, app
 
 pytestmark = pytest.mark.anyio

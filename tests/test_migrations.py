@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
-from conftest import PROJECT_DIR
 from pytest_alembic import MigrationContext
 
 # pytest-alembic's built-in checks: one head; upgrade from empty to head; every
@@ -22,6 +21,8 @@ from pytest_alembic.tests import (  # noqa: F401
     test_upgrade,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from conftest import PROJECT_DIR
 
 # `.schema users` in the tutorial, after its two revisions.
 TUTORIAL_SCHEMA = {
