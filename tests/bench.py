@@ -1,0 +1,170 @@
+"""Benchmark: serve the app on a database of its own and load it over loopback.
+
+    pipenv run bench [--seconds 10] [--concurrency 32] [--workers 1]
+
+A new SQLite file by default; BENCH_DATABASE_URL=postgresql+asyncpg://... makes a
+throwaway database on that server instead. Never the database DATABASE_URL names.
+"""
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from sqlalchemy import make_url, pool, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+PROJECT_DIR = Path(__file__).parent.parent
+ROWS = 1000
+# Any argon2 hash will do: the rows are read, never logged in to.
+HASH = "$argon2id$v=19$m=65536,t=3,p=4$" + "a" * 22 + "$" + "b" * 43
+
+
+async def execute(
+    url: str, statement: str, rows: list[dict[str, str]] | None = None
+) -> None:
+    engine = create_async_engine(
+        url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool
+    )
+    async with engine.connect() as connection:
+        await connection.execute(text(statement), rows)
+    await engine.dispose()
+
+
+def serve(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+    """Migrate the database, seed it, and start uvicorn on a free port."""
+    env = {**os.environ, "DATABASE_URL": url}
+    alembic = [sys.executable, "-m", "alembic", "upgrade", "head"]
+    subprocess.run(alembic, cwd=PROJECT_DIR, env=env, check=True, capture_output=True)
+    seed = [{"email": f"user{i}@example.com", "password": HASH} for i in range(ROWS)]
+    insert = "INSERT INTO users (email, password, is_active) VALUES (:email, :password, true)"
+    asyncio.run(execute(url, insert, seed))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)]
+    command += ["--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+    server = subprocess.Popen(command, cwd=PROJECT_DIR, env=env)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(150):
+        try:
+            if httpx.get(f"{base}/health").status_code == 200:
+                return server, base
+        except httpx.TransportError:
+            time.sleep(0.2)
+    server.kill()
+    raise SystemExit("the app did not start")
+
+
+async def load(
+    base: str, request: Callable[[], str], seconds: float, concurrency: int
+) -> list[float]:
+    """Send requests made by `request` on `concurrency` keep-alive connections."""
+    host, port = base.removeprefix("http://").split(":")
+    latencies: list[float] = []
+    failures = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal failures
+        reader, writer = await asyncio.open_connection(host, int(port))
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            writer.write(request().encode())
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - started)
+            failures += not 200 <= status < 300
+        writer.close()
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    if failures:
+        print(f"  {failures} non-2xx responses")
+    return latencies
+
+
+def get_user() -> str:
+    return f"GET /users/{random.randint(1, ROWS)} HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+
+def list_users() -> str:
+    return "GET /users?limit=50 HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+
+def create_user() -> str:
+    body = f'{{"email": "{uuid.uuid4().hex}@example.com", "password": "bench-pass"}}'
+    head = "POST /users HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n{body}"
+
+
+SCENARIOS = {
+    "GET /users/{id}": get_user,
+    "GET /users?limit=50": list_users,
+    "POST /users": create_user,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    options = parser.parse_args()
+
+    server_url = os.environ.get("BENCH_DATABASE_URL")
+    directory = tempfile.TemporaryDirectory()
+    if server_url:
+        name = f"bench_{uuid.uuid4().hex[:12]}"
+        server = make_url(server_url).render_as_string(hide_password=False)
+        asyncio.run(execute(server, f'CREATE DATABASE "{name}"'))
+        url = (
+            make_url(server_url)
+            .set(database=name)
+            .render_as_string(hide_password=False)
+        )
+    else:
+        url = f"sqlite+aiosqlite:///{directory.name}/bench.sqlite"
+
+    app, base = serve(url, options.workers)
+    try:
+        print(
+            f"{make_url(url).get_backend_name()}, {options.workers} worker(s), ", end=""
+        )
+        print(
+            f"{options.concurrency} connections, {options.seconds:g} s per row; ",
+            end="",
+        )
+        print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs")
+        print(f"{'':22}{'req/s':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}")
+        for name, request in SCENARIOS.items():
+            asyncio.run(load(base, request, 1, options.concurrency))  # warm-up
+            times = asyncio.run(
+                load(base, request, options.seconds, options.concurrency)
+            )
+            q = statistics.quantiles(times, n=100)
+            row = f"{name:22}{len(times) / options.seconds:8.0f}"
+            print(row + "".join(f"{q[p - 1] * 1000:9.1f}" for p in (50, 90, 99)))
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+        if server_url:
+            asyncio.run(execute(server, f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+if __name__ == "__main__":
+    main()
