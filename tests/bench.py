@@ -69,8 +69,11 @@ def serve(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
 
 async def load(
     base: str, request: Callable[[], str], seconds: float, concurrency: int
-) -> list[float]:
-    """Send requests made by `request` on `concurrency` keep-alive connections."""
+) -> tuple[list[float], int]:
+    """Send requests made by `request` on `concurrency` keep-alive connections.
+
+    Returns each request's latency in seconds, and how many were not answered 2xx.
+    """
     host, port = base.removeprefix("http://").split(":")
     latencies: list[float] = []
     failures = 0
@@ -93,9 +96,7 @@ async def load(
         writer.close()
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    if failures:
-        print(f"  {failures} non-2xx responses")
-    return latencies
+    return latencies, failures
 
 
 def get_user() -> str:
@@ -129,12 +130,12 @@ def main() -> None:
     server_url = os.environ.get("BENCH_DATABASE_URL")
     directory = tempfile.TemporaryDirectory()
     if server_url:
-        name = f"bench_{uuid.uuid4().hex[:12]}"
+        database = f"bench_{uuid.uuid4().hex[:12]}"
         server = make_url(server_url).render_as_string(hide_password=False)
-        asyncio.run(execute(server, f'CREATE DATABASE "{name}"'))
+        asyncio.run(execute(server, f'CREATE DATABASE "{database}"'))
         url = (
             make_url(server_url)
-            .set(database=name)
+            .set(database=database)
             .render_as_string(hide_password=False)
         )
     else:
@@ -150,20 +151,27 @@ def main() -> None:
             end="",
         )
         print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs")
-        print(f"{'':22}{'req/s':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}")
+        print(
+            f"{'':22}{'req/s':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'non-2xx':>9}"
+        )
         for name, request in SCENARIOS.items():
             asyncio.run(load(base, request, 1, options.concurrency))  # warm-up
-            times = asyncio.run(
+            times, failures = asyncio.run(
                 load(base, request, options.seconds, options.concurrency)
             )
-            q = statistics.quantiles(times, n=100)
+            q = (
+                statistics.quantiles(times, n=100)
+                if len(times) > 1
+                else [times[0]] * 99
+            )
             row = f"{name:22}{len(times) / options.seconds:8.0f}"
-            print(row + "".join(f"{q[p - 1] * 1000:9.1f}" for p in (50, 90, 99)))
+            row += "".join(f"{q[p - 1] * 1000:9.1f}" for p in (50, 90, 99))
+            print(f"{row}{failures:9}")
     finally:
         app.terminate()
         app.wait(timeout=30)
         if server_url:
-            asyncio.run(execute(server, f'DROP DATABASE "{name}" WITH (FORCE)'))
+            asyncio.run(execute(server, f'DROP DATABASE "{database}" WITH (FORCE)'))
 
 
 if __name__ == "__main__":
