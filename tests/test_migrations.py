@@ -113,7 +113,7 @@ def test_adding_a_field_autogenerates_a_revision_that_upgrades_and_downgrades(
     project = copy_project(tmp_path)
     engine = create_async_engine(empty_database_url, poolclass=sqlalchemy.NullPool)
     alembic(project, empty_database_url, "upgrade", "head")
-    add_field(project, "nickname: str = ormar.String(max_length=32, nullable=True)")
+    add_field(project, "nickname: str | None = ormar.String(max_length=32, nullable=True)")
 
     output = alembic(
         project, empty_database_url, "revision", "--autogenerate", "-m", "nick"
@@ -132,7 +132,7 @@ def test_revisions_with_ormar_column_types_run_as_written(
 ) -> None:
     # ormar's UUID column renders as `ormar.fields.sqlalchemy_uuid.CHAR(32)`.
     project = copy_project(tmp_path)
-    add_field(project, "token: uuid.UUID = ormar.UUID(nullable=True)")
+    add_field(project, "token: uuid.UUID | None = ormar.UUID(nullable=True)")
     db = project / "db.py"
     db.write_text("import uuid\n" + db.read_text())
 
