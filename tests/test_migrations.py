@@ -113,7 +113,9 @@ def test_adding_a_field_autogenerates_a_revision_that_upgrades_and_downgrades(
     project = copy_project(tmp_path)
     engine = create_async_engine(empty_database_url, poolclass=sqlalchemy.NullPool)
     alembic(project, empty_database_url, "upgrade", "head")
-    add_field(project, "nickname: str | None = ormar.String(max_length=32, nullable=True)")
+    add_field(
+        project, "nickname: str | None = ormar.String(max_length=32, nullable=True)"
+    )
 
     output = alembic(
         project, empty_database_url, "revision", "--autogenerate", "-m", "nick"
