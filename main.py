@@ -1,8 +1,8 @@
 """The web app: a small JSON API over the `Users` model from db.py."""
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -62,11 +62,22 @@ async def hash_password(password: str) -> str:
     )
 
 
-def is_unique_violation(error: IntegrityError) -> bool:
-    """Tell a unique-constraint violation from other integrity errors."""
-    postgresql_code = getattr(error.orig, "sqlstate", None)
-    sqlite_code = getattr(error.orig, "sqlite_errorname", None)
-    return postgresql_code == "23505" or sqlite_code == "SQLITE_CONSTRAINT_UNIQUE"
+@contextmanager
+def email_must_be_free() -> Iterator[None]:
+    """Answer 409 when a write breaks the unique email constraint.
+
+    The database decides, so two requests racing for one address cannot both succeed.
+    """
+    try:
+        yield
+    except IntegrityError as error:
+        postgresql_code = getattr(error.orig, "sqlstate", None)
+        sqlite_code = getattr(error.orig, "sqlite_errorname", None)
+        if postgresql_code == "23505" or sqlite_code == "SQLITE_CONSTRAINT_UNIQUE":
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, "Email already registered"
+            ) from None
+        raise
 
 
 MIGRATIONS_HEAD = ScriptDirectory.from_config(
@@ -93,15 +104,8 @@ app = FastAPI(title="FastAPI + ormar + alembic", lifespan=lifespan)
 @app.post("/users", response_model=UserRead, status_code=status.HTTP_201_CREATED)
 async def create_user(body: UserCreate) -> Users:
     password = await hash_password(body.password)
-    try:
+    with email_must_be_free():
         return await Users.objects.create(email=body.email, password=password)
-    except IntegrityError as error:
-        # The unique constraint decides, so two racing sign-ups cannot both succeed.
-        if is_unique_violation(error):
-            raise HTTPException(
-                status.HTTP_409_CONFLICT, "Email already registered"
-            ) from None
-        raise
 
 
 # UserRead is built at run time, which mypy cannot follow.
@@ -130,14 +134,8 @@ async def update_user(user_id: int, body: UserUpdate) -> Users:
         changes["password"] = await hash_password(changes["password"])
     if changes:
         # One UPDATE of the sent columns only: concurrent edits of other fields survive.
-        try:
+        with email_must_be_free():
             await Users.objects.filter(id=user_id).update(**changes)
-        except IntegrityError as error:
-            if is_unique_violation(error):
-                raise HTTPException(
-                    status.HTTP_409_CONFLICT, "Email already registered"
-                ) from None
-            raise
     return await read_user(user_id)
 
 
