@@ -1,6 +1,7 @@
 """The database connection, the metadata, and the models."""
 
 import os
+from datetime import datetime
 from typing import Any
 
 import ormar
@@ -48,3 +49,21 @@ class Users(ormar.Model):
     # Holds the argon2 hash of the password, never the password itself.
     password: str = ormar.String(max_length=128)
     is_active: bool = ormar.Boolean(default=True)
+
+
+class Tokens(ormar.Model):
+    """A log-in session: the SHA-256 digest of a bearer token, never the token itself."""
+
+    ormar_config = BaseMeta.copy(tablename="tokens")
+
+    digest: str = ormar.String(primary_key=True, max_length=64)
+    user: Users = ormar.ForeignKey(
+        Users,
+        name="user_id",
+        nullable=False,
+        ondelete=ormar.ReferentialAction.CASCADE,
+        related_name="tokens",
+        index=True,
+    )
+    created_at: datetime = ormar.DateTime(timezone=True)
+    expires_at: datetime = ormar.DateTime(timezone=True)

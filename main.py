@@ -1,28 +1,73 @@
-"""The web app: a small JSON API over the `Users` model from db.py."""
+"""The web app: sign-up, log-in, and the users API over the models in db.py."""
 
+import hashlib
+import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self, TypeVar
 
 import anyio.to_thread
 import sqlalchemy
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from fastapi import FastAPI, HTTPException, Query, status
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import Path as PathParameter
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
 from pwdlib import PasswordHash
+from pwdlib.exceptions import UnknownHashError
 from pydantic import (
     AfterValidator,
     BaseModel,
+    ConfigDict,
     EmailStr,
     Field,
     create_model,
     field_validator,
+    model_validator,
 )
 from sqlalchemy.exc import IntegrityError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from db import Users, database
+from db import Tokens, Users, database
+
+logger = logging.getLogger("main")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup quota.
+
+    Not os.cpu_count(), which counts the host's CPUs inside a container.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:  # cgroup v2 (containers): "<quota> <period>", or "max <period>" for none
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+# Settings, each optional (see the README's Configuration table).
+TOKEN_LIFETIME = timedelta(hours=float(os.environ.get("TOKEN_LIFETIME_HOURS", "24")))
+# argon2 takes ~0.1 s of CPU and 64 MiB per hash: leave a core to the event loop.
+HASHING_THREADS = int(
+    os.environ.get("PASSWORD_HASHING_THREADS") or max(1, usable_cpus() - 1)
+)
+# Sign-ups and log-ins waiting for a hashing thread; past this they get a 503 at once.
+HASHING_QUEUE = int(os.environ.get("PASSWORD_HASHING_QUEUE", "32"))
+MAX_BODY_SIZE = int(os.environ.get("MAX_BODY_SIZE", "16384"))  # bytes
+# Ids are 32-bit integers on PostgreSQL; larger numbers are a 422, not a driver error.
+MAX_ID = 2**31 - 1
 
 # Emails are compared lower-cased: Alice@Example.COM and alice@example.com are one account.
 Email = Annotated[EmailStr, AfterValidator(str.lower), Field(max_length=64)]
@@ -35,9 +80,11 @@ class UserCreate(BaseModel):
 
 
 class UserUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # `is_active` and typos are a 422
+
     email: Email | None = None
     password: Password | None = None
-    is_active: bool | None = None
+    current_password: str | None = Field(default=None, max_length=128)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -47,19 +94,96 @@ class UserUpdate(BaseModel):
             raise ValueError("must not be null")
         return value
 
+    @model_validator(mode="after")
+    def current_password_for_credentials(self) -> Self:
+        # A stolen token alone must not be enough to take the account over.
+        if (self.email or self.password) and self.current_password is None:
+            raise ValueError("current_password is required to change email or password")
+        return self
 
-# Generated from the ormar model, minus the hash; the name keeps OpenAPI readable.
-UserRead = create_model("UserRead", __base__=Users.get_pydantic(exclude={"password"}))
+
+# Public fields are an allowlist: a new column stays private until it is added here.
+# Generated from the ormar model; the name keeps the OpenAPI document readable.
+UserRead = create_model(
+    "UserRead", __base__=Users.get_pydantic(include={"id", "email", "is_active"})
+)
+USER_COLUMNS = list(UserRead.model_fields)
+
+
+class Token(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+
+
+class Error(BaseModel):
+    detail: str
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers a route declares in OpenAPI, all shaped `{"detail": ...}`."""
+    return {code: {"model": Error} for code in codes}
+
 
 password_hash = PasswordHash.recommended()  # argon2id
-# Hashing costs ~0.1 s of CPU: run it in threads, but leave a core to the event loop.
-hashing_limiter = anyio.CapacityLimiter(max(1, (os.cpu_count() or 2) - 1))
+# Verified for unknown emails, so that they cost what a real account costs.
+DUMMY_HASH = password_hash.hash(secrets.token_urlsafe())
+hashing_limiter = anyio.CapacityLimiter(HASHING_THREADS)
+T = TypeVar("T")
 
 
-async def hash_password(password: str) -> str:
-    return await anyio.to_thread.run_sync(
-        password_hash.hash, password, limiter=hashing_limiter
-    )
+async def in_hashing_thread(function: Callable[..., T], *args: str) -> T:
+    """Run a password hash or check on a hashing thread, or answer 503 when too busy."""
+    if hashing_limiter.statistics().tasks_waiting >= HASHING_QUEUE:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "Too many sign-ups and log-ins at once; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+    return await anyio.to_thread.run_sync(function, *args, limiter=hashing_limiter)
+
+
+def verify_password(password: str, stored_hash: str) -> tuple[bool, str | None]:
+    """Whether the password matches, and a new hash if the stored one is outdated."""
+    try:
+        return password_hash.verify_and_update(password, stored_hash)
+    except UnknownHashError:  # not a hash this app wrote: nothing matches it
+        return False, None
+
+
+def token_digest(token: str) -> str:
+    # Only digests are stored: a leaked database hands out no usable token.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+NOT_AUTHENTICATED = HTTPException(
+    status.HTTP_401_UNAUTHORIZED,
+    "Not authenticated",
+    headers={"WWW-Authenticate": "Bearer"},
+)
+# Answers a missing or non-Bearer Authorization header with the same 401 as above.
+bearer_token = OAuth2PasswordBearer(tokenUrl="auth/token")
+
+
+async def presented_digest(token: Annotated[str, Depends(bearer_token)]) -> str:
+    return token_digest(token)
+
+
+async def current_user(
+    digest: Annotated[str, Depends(presented_digest)],
+) -> dict[str, Any]:
+    """The active user that the bearer token belongs to, in one query, or a 401."""
+    rows = await Users.objects.filter(
+        tokens__digest=digest,
+        tokens__expires_at__gt=datetime.now(UTC),
+        is_active=True,
+    ).values(USER_COLUMNS)
+    if not rows:
+        raise NOT_AUTHENTICATED
+    user: dict[str, Any] = rows[0]
+    return user
+
+
+CurrentUser = Annotated[dict[str, Any], Depends(current_user)]
 
 
 @contextmanager
@@ -89,63 +213,210 @@ MIGRATIONS_HEAD = ScriptDirectory.from_config(
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not database.is_connected:
         await database.connect()
-    if database.dialect.name == "sqlite":
-        # WAL lets readers go on while one writer writes; it is stored in the file.
-        async with database.connection() as connection:
-            await connection.exec_driver_sql("PRAGMA journal_mode=WAL")
     yield
     if database.is_connected:
         await database.disconnect()
 
 
-app = FastAPI(title="FastAPI + ormar + alembic", lifespan=lifespan)
+class BodySizeLimit:
+    """Answer 413 to a request body over `max_size` bytes, before it is all read.
+
+    (FastAPI's own `max_body_size` answers plain text when Content-Length is too large.)
+    """
+
+    def __init__(self, app: ASGIApp, max_size: int) -> None:
+        self.app = app
+        self.max_size = max_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = JSONResponse({"detail": "Request body too large"}, 413)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_size:
+            return await too_large(scope, receive, send)
+        received = 0
+        answered = False
+
+        async def receive_within_limit() -> Message:  # counts chunked bodies
+            nonlocal received, answered
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_size and not answered:
+                answered = True
+                await too_large(scope, receive, send)
+            return {"type": "http.disconnect"} if answered else message
+
+        async def send_unless_answered(message: Message) -> None:
+            if not answered:
+                await send(message)
+
+        await self.app(scope, receive_within_limit, send_unless_answered)
 
 
-@app.post("/users", response_model=UserRead, status_code=status.HTTP_201_CREATED)
+app = FastAPI(
+    title="FastAPI + ormar + alembic",
+    lifespan=lifespan,
+    generate_unique_id_function=lambda route: route.name,  # operationId: create_user
+)
+app.add_middleware(BodySizeLimit, max_size=MAX_BODY_SIZE)
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_failed(
+    request: Request, error: RequestValidationError
+) -> JSONResponse:
+    # Which field and why, never the value sent: it may be a password (or NaN).
+    detail = [{key: e[key] for key in ("type", "loc", "msg")} for e in error.errors()]
+    return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
+    # Operators read the cause in the log; clients learn only when to retry.
+    logger.error("database unavailable: %s", error)
+    return JSONResponse(
+        {"detail": "Service unavailable"},
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "1"},
+    )
+
+
+# Lost connections, an unreachable server, a locked SQLite file, a full pool.
+for unavailable in (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+    OSError,
+):
+    app.add_exception_handler(unavailable, database_unavailable)
+
+
+@app.post(
+    "/users",
+    response_model=UserRead,
+    status_code=status.HTTP_201_CREATED,
+    responses=errors(400, 409, 413, 503),
+)
 async def create_user(body: UserCreate) -> Users:
-    password = await hash_password(body.password)
+    password = await in_hashing_thread(password_hash.hash, body.password)
     with email_must_be_free():
         return await Users.objects.create(email=body.email, password=password)
 
 
+@app.post("/auth/token", responses=errors(400, 401, 413, 503))
+async def log_in(
+    form: Annotated[OAuth2PasswordRequestForm, Depends()], response: Response
+) -> Token:
+    """Log in with the email as `username`; answers a bearer token."""
+    user = await Users.objects.get_or_none(email=form.username.lower())
+    stored_hash = user.password if user else DUMMY_HASH
+    valid, new_hash = await in_hashing_thread(
+        verify_password, form.password, stored_hash
+    )
+    if user is None or not valid or not user.is_active:
+        raise NOT_AUTHENTICATED
+    if new_hash:  # made with older argon2 parameters
+        await Users.objects.filter(id=user.id).update(password=new_hash)
+    now = datetime.now(UTC)
+    await Tokens.objects.filter(user=user.id, expires_at__lte=now).delete()
+    token = secrets.token_urlsafe(32)
+    await Tokens.objects.create(
+        digest=token_digest(token),
+        user=user.id,
+        created_at=now,
+        expires_at=now + TOKEN_LIFETIME,
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return Token(access_token=token)
+
+
+@app.delete(
+    "/auth/token",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=errors(401, 503),
+    dependencies=[Depends(current_user)],
+)
+async def log_out(digest: Annotated[str, Depends(presented_digest)]) -> None:
+    """End this token's session at once."""
+    await Tokens.objects.delete(digest=digest)
+
+
+@app.get("/users/me", response_model=UserRead, responses=errors(401, 503))
+async def read_me(me: CurrentUser) -> dict[str, Any]:
+    return me
+
+
+@app.patch(
+    "/users/me", response_model=UserRead, responses=errors(400, 401, 403, 409, 413, 503)
+)
+async def update_me(
+    body: UserUpdate,
+    me: CurrentUser,
+    digest: Annotated[str, Depends(presented_digest)],
+) -> dict[str, Any]:
+    """Change the email or the password; both need `current_password`."""
+    changes = body.model_dump(exclude_unset=True, exclude={"current_password"})
+    if not changes:
+        return me
+    stored_hash = (await Users.objects.get(id=me["id"])).password
+    valid, _ = await in_hashing_thread(
+        verify_password, body.current_password or "", stored_hash
+    )
+    if not valid:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "Wrong current password")
+    if "password" in changes:
+        changes["password"] = await in_hashing_thread(
+            password_hash.hash, changes["password"]
+        )
+    async with database.transaction():
+        with email_must_be_free():
+            await Users.objects.filter(id=me["id"]).update(**changes)
+        if "password" in changes:  # every other session ends with the old password
+            await Tokens.objects.filter(user=me["id"], digest__ne=digest).delete()
+    return me | {key: value for key, value in changes.items() if key in me}
+
+
+@app.delete(
+    "/users/me", status_code=status.HTTP_204_NO_CONTENT, responses=errors(401, 503)
+)
+async def delete_me(me: CurrentUser) -> None:
+    """Delete the account; its tokens go with it (ON DELETE CASCADE)."""
+    await Users.objects.delete(id=me["id"])
+
+
 # UserRead is built at run time, which mypy cannot follow.
-@app.get("/users", response_model=list[UserRead])  # type: ignore[valid-type]
+@app.get(
+    "/users",
+    response_model=list[UserRead],  # type: ignore[valid-type]
+    responses=errors(401, 503),
+    dependencies=[Depends(current_user)],
+)
 async def list_users(
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> list[dict[str, Any]]:
     # Rows as dicts of UserRead's columns: no model per row, 1.6x the requests/s.
     page = Users.objects.order_by("id").limit(limit).offset(offset)
-    return await page.values(list(UserRead.model_fields))
+    return await page.values(USER_COLUMNS)
 
 
-@app.get("/users/{user_id}", response_model=UserRead)
-async def read_user(user_id: int) -> Users:
-    user = await Users.objects.get_or_none(id=user_id)
-    if user is None:
+@app.get(
+    "/users/{user_id}",
+    response_model=UserRead,
+    responses=errors(401, 404, 503),
+    dependencies=[Depends(current_user)],
+)
+async def read_user(
+    user_id: Annotated[int, PathParameter(ge=1, le=MAX_ID)],
+) -> dict[str, Any]:
+    rows = await Users.objects.filter(id=user_id).values(USER_COLUMNS)
+    if not rows:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "User not found")
+    user: dict[str, Any] = rows[0]
     return user
 
 
-@app.patch("/users/{user_id}", response_model=UserRead)
-async def update_user(user_id: int, body: UserUpdate) -> Users:
-    changes = body.model_dump(exclude_unset=True)
-    if "password" in changes:
-        changes["password"] = await hash_password(changes["password"])
-    if changes:
-        # One UPDATE of the sent columns only: concurrent edits of other fields survive.
-        with email_must_be_free():
-            await Users.objects.filter(id=user_id).update(**changes)
-    return await read_user(user_id)
-
-
-@app.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_user(user_id: int) -> None:
-    if not await Users.objects.delete(id=user_id):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "User not found")
-
-
-@app.get("/health")
+@app.get("/health", responses=errors(503))
 async def health() -> dict[str, str]:
     """Check that the database answers and is migrated to the newest revision."""
     try:
@@ -154,11 +425,14 @@ async def health() -> dict[str, str]:
                 sqlalchemy.text("SELECT version_num FROM alembic_version")
             )
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as error:
-        reason = f"Database check failed: {str(error).splitlines()[0]}"
+        logger.error("health check failed: %s", error)
         raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, detail=reason
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "Service unavailable",
+            headers={"Retry-After": "1"},
         ) from None
     if revision != MIGRATIONS_HEAD:
-        reason = f"Database is at revision {revision}, expected {MIGRATIONS_HEAD}"
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=reason)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "Database migrations are behind"
+        )
     return {"status": "ok", "revision": revision}
