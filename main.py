@@ -372,7 +372,7 @@ async def update_me(
         with email_must_be_free():
             await Users.objects.filter(id=me["id"]).update(**changes)
         if "password" in changes:  # every other session ends with the old password
-            await Tokens.objects.filter(user=me["id"], digest__ne=digest).delete()
+            await Tokens.objects.filter(user=me["id"]).exclude(digest=digest).delete()
     return me | {key: value for key, value in changes.items() if key in me}
 
 

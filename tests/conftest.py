@@ -10,6 +10,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 # Before db.py is imported anywhere: the app under test and alembic read this.
 temporary_directory = tempfile.TemporaryDirectory()
@@ -28,6 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine  # noqa: E40
 
 from db import Users  # noqa: E402
 from main import app  # noqa: E402
+
+PASSWORD = "s3cret-pass"
 
 PROJECT_DIR = Path(__file__).parent.parent
 
@@ -57,6 +60,25 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
             transport=transport, base_url="http://test"
         ) as client:
             yield client
+
+
+async def sign_up(
+    client: httpx.AsyncClient, email: str, password: str = PASSWORD
+) -> Any:
+    """Create an account through the API; return the user it answers."""
+    response = await client.post("/users", json={"email": email, "password": password})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def log_in(
+    client: httpx.AsyncClient, email: str, password: str = PASSWORD
+) -> dict[str, str]:
+    """Log in through the API; return the headers that authenticate as that user."""
+    form = {"username": email, "password": password}
+    response = await client.post("/auth/token", data=form)
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
 
 async def execute_autocommit(url: str, statement: str) -> None:

@@ -7,37 +7,36 @@ import anyio
 import httpx
 import pytest
 
-from main import app
+from conftest import PASSWORD, log_in, sign_up
+from db import Users
+from main import app, password_hash
 
 pytestmark = pytest.mark.anyio
 
 USERS = app.url_path_for("list_users")
+ME = app.url_path_for("read_me")
+HEALTH = app.url_path_for("health")
 
 
-def user_url(user_id: int) -> str:
+def user_url(user_id: int | str) -> str:
     return app.url_path_for("read_user", user_id=str(user_id))
 
 
-async def create(
-    client: httpx.AsyncClient, email: str, password: str = "s3cret-pass"
-) -> Any:
-    response = await client.post(USERS, json={"email": email, "password": password})
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-async def test_create_user_returns_201_with_the_user(client: httpx.AsyncClient) -> None:
+async def test_sign_up_returns_201_with_the_public_fields(
+    client: httpx.AsyncClient,
+) -> None:
     response = await client.post(
-        USERS, json={"email": "ann@example.com", "password": "s3cret-pass"}
+        USERS, json={"email": "ann@example.com", "password": PASSWORD}
     )
     assert response.status_code == 201
     body = response.json()
     assert body == {"id": body["id"], "email": "ann@example.com", "is_active": True}
-    assert (await client.get(user_url(body["id"]))).json() == body
+    headers = await log_in(client, "ann@example.com")
+    assert (await client.get(user_url(body["id"]), headers=headers)).json() == body
 
 
-async def test_create_user_normalises_the_email(client: httpx.AsyncClient) -> None:
-    user = await create(client, "Alice@Example.COM")
+async def test_sign_up_normalises_the_email(client: httpx.AsyncClient) -> None:
+    user = await sign_up(client, "Alice@Example.COM")
     assert user["email"] == "alice@example.com"
     response = await client.post(
         USERS, json={"email": "alice@example.com", "password": "other-pass"}
@@ -49,163 +48,246 @@ async def test_create_user_normalises_the_email(client: httpx.AsyncClient) -> No
 @pytest.mark.parametrize(
     "body",
     [
-        {"email": "not-an-email", "password": "s3cret-pass"},
+        {"email": "not-an-email", "password": PASSWORD},
         {"email": "ann@example.com", "password": "short"},
         {"email": "ann@example.com", "password": "x" * 129},
-        {"email": f"{'a' * 60}@example.com", "password": "s3cret-pass"},
+        {"email": f"{'a' * 60}@example.com", "password": PASSWORD},
         {"email": "ann@example.com"},
-        {"email": 42, "password": "s3cret-pass"},
+        {"email": 42, "password": PASSWORD},
         {"email": "ann@example.com", "password": None},
     ],
 )
-async def test_create_user_rejects_bad_bodies_with_422(
+async def test_sign_up_rejects_bad_bodies_with_422(
     client: httpx.AsyncClient, body: dict[str, Any]
 ) -> None:
     response = await client.post(USERS, json=body)
     assert response.status_code == 422
-    assert (await client.get(USERS)).json() == []
+    assert await Users.objects.count() == 0
 
 
-async def test_create_user_rejects_malformed_json_with_422(
-    client: httpx.AsyncClient,
-) -> None:
-    response = await client.post(
-        USERS, content=b'{"email": ', headers={"content-type": "application/json"}
-    )
-    assert response.status_code == 422
-
-
-async def test_create_user_ignores_a_client_sent_id(client: httpx.AsyncClient) -> None:
-    first = await create(client, "first@example.com")
+async def test_sign_up_ignores_a_client_sent_id(client: httpx.AsyncClient) -> None:
+    first = await sign_up(client, "first@example.com")
     response = await client.post(
         USERS,
-        json={
-            "id": first["id"],
-            "email": "second@example.com",
-            "password": "s3cret-pass",
-        },
+        json={"id": first["id"], "email": "second@example.com", "password": PASSWORD},
     )
     assert response.status_code == 201
     assert response.json()["id"] != first["id"]
 
 
+async def test_reading_users_needs_a_log_in(client: httpx.AsyncClient) -> None:
+    user = await sign_up(client, "ann@example.com")
+    for url in (USERS, user_url(user["id"]), ME):
+        response = await client.get(url)
+        assert response.status_code == 401
+        assert response.json() == {"detail": "Not authenticated"}
+
+
 async def test_list_users_pages_in_id_order(client: httpx.AsyncClient) -> None:
-    created = [await create(client, f"user{i}@example.com") for i in range(5)]
-    assert (await client.get(USERS)).json() == created
-    page = await client.get(USERS, params={"limit": 2, "offset": 1})
+    created = [await sign_up(client, f"user{i}@example.com") for i in range(5)]
+    headers = await log_in(client, "user0@example.com")
+    assert (await client.get(USERS, headers=headers)).json() == created
+    page = await client.get(USERS, params={"limit": 2, "offset": 1}, headers=headers)
     assert page.json() == created[1:3]
 
 
 @pytest.mark.parametrize(
-    "params", [{"limit": 0}, {"limit": 101}, {"offset": -1}, {"limit": "many"}]
+    "params",
+    [
+        {"limit": 0},
+        {"limit": 101},
+        {"offset": -1},
+        {"limit": "many"},
+        {"offset": 2**31},
+        {"offset": 2**63},
+    ],
 )
 async def test_list_users_rejects_paging_out_of_range_with_422(
     client: httpx.AsyncClient, params: dict[str, Any]
 ) -> None:
-    assert (await client.get(USERS, params=params)).status_code == 422
+    await sign_up(client, "ann@example.com")
+    headers = await log_in(client, "ann@example.com")
+    response = await client.get(USERS, params=params, headers=headers)
+    assert response.status_code == 422
 
 
-async def test_read_unknown_user_returns_404(client: httpx.AsyncClient) -> None:
-    response = await client.get(user_url(999999))
+async def test_read_user(client: httpx.AsyncClient) -> None:
+    ann = await sign_up(client, "ann@example.com")
+    await sign_up(client, "bob@example.com")
+    headers = await log_in(client, "bob@example.com")
+    assert (await client.get(user_url(ann["id"]), headers=headers)).json() == ann
+
+    response = await client.get(user_url(ann["id"] + 1000), headers=headers)
     assert response.status_code == 404
     assert response.json() == {"detail": "User not found"}
 
 
-async def test_read_user_with_a_non_integer_id_returns_422(
-    client: httpx.AsyncClient,
+@pytest.mark.parametrize("user_id", ["abc", "0", "-1", "2147483648", str(10**40)])
+async def test_read_user_with_an_id_no_column_holds_returns_422(
+    client: httpx.AsyncClient, user_id: str
 ) -> None:
-    assert (await client.get(f"{USERS}/abc")).status_code == 422
+    await sign_up(client, "ann@example.com")
+    headers = await log_in(client, "ann@example.com")
+    assert (await client.get(user_url(user_id), headers=headers)).status_code == 422
 
 
-async def test_update_user_changes_only_the_sent_fields(
+async def test_accounts_change_only_through_users_me(
     client: httpx.AsyncClient,
 ) -> None:
-    user = await create(client, "ann@example.com")
-    response = await client.patch(user_url(user["id"]), json={"is_active": False})
+    ann = await sign_up(client, "ann@example.com")
+    headers = await log_in(client, "ann@example.com")
+    for method in ("PATCH", "DELETE"):
+        response = await client.request(method, user_url(ann["id"]), headers=headers)
+        assert response.status_code == 405
+
+
+async def test_users_me_is_the_callers_own_account(
+    client: httpx.AsyncClient,
+) -> None:
+    ann = await sign_up(client, "ann@example.com")
+    bob = await sign_up(client, "bob@example.com")
+    ann_headers = await log_in(client, "ann@example.com")
+    bob_headers = await log_in(client, "bob@example.com")
+    assert (await client.get(ME, headers=ann_headers)).json() == ann
+    assert (await client.get(ME, headers=bob_headers)).json() == bob
+
+    change = {"email": "bob.new@example.com", "current_password": PASSWORD}
+    response = await client.patch(ME, json=change, headers=bob_headers)
+    assert response.json() == bob | {"email": "bob.new@example.com"}
+    assert (await client.get(ME, headers=ann_headers)).json() == ann
+
+
+async def test_changing_the_email_needs_the_current_password(
+    client: httpx.AsyncClient,
+) -> None:
+    ann = await sign_up(client, "ann@example.com")
+    headers = await log_in(client, "ann@example.com")
+
+    missing = await client.patch(ME, json={"email": "x@example.com"}, headers=headers)
+    assert missing.status_code == 422
+    wrong = {"email": "x@example.com", "current_password": "wrong-password"}
+    response = await client.patch(ME, json=wrong, headers=headers)
+    assert response.status_code == 403
+    assert response.json() == {"detail": "Wrong current password"}
+    assert (await client.get(ME, headers=headers)).json() == ann
+
+    right = {"email": "New@Example.com", "current_password": PASSWORD}
+    response = await client.patch(ME, json=right, headers=headers)
     assert response.status_code == 200
-    assert response.json() == user | {"is_active": False}
-
-    response = await client.patch(
-        user_url(user["id"]), json={"email": "Ann.New@Example.com"}
-    )
-    assert response.json() == user | {
-        "is_active": False,
-        "email": "ann.new@example.com",
-    }
-    assert (await client.get(user_url(user["id"]))).json() == response.json()
+    assert response.json() == ann | {"email": "new@example.com"}
+    assert (await client.get(ME, headers=headers)).json() == response.json()
 
 
-async def test_update_user_with_an_empty_body_changes_nothing(
+async def test_changing_the_password_ends_every_other_session(
     client: httpx.AsyncClient,
 ) -> None:
-    user = await create(client, "ann@example.com")
-    response = await client.patch(user_url(user["id"]), json={})
+    await sign_up(client, "ann@example.com")
+    this_session = await log_in(client, "ann@example.com")
+    other_session = await log_in(client, "ann@example.com")
+
+    missing = {"password": "new-s3cret"}
+    assert (
+        await client.patch(ME, json=missing, headers=this_session)
+    ).status_code == 422
+    change = {"password": "new-s3cret", "current_password": PASSWORD}
+    response = await client.patch(ME, json=change, headers=this_session)
     assert response.status_code == 200
-    assert response.json() == user
+
+    assert (await client.get(ME, headers=this_session)).status_code == 200
+    assert (await client.get(ME, headers=other_session)).status_code == 401
+    old = {"username": "ann@example.com", "password": PASSWORD}
+    assert (await client.post("/auth/token", data=old)).status_code == 401
+    await log_in(client, "ann@example.com", "new-s3cret")
 
 
-async def test_update_user_to_a_taken_email_returns_409(
+async def test_update_me_to_a_taken_email_returns_409(
     client: httpx.AsyncClient,
 ) -> None:
-    ann = await create(client, "ann@example.com")
-    await create(client, "bob@example.com")
-    response = await client.patch(
-        user_url(ann["id"]), json={"email": "BOB@example.com"}
-    )
+    ann = await sign_up(client, "ann@example.com")
+    await sign_up(client, "bob@example.com")
+    headers = await log_in(client, "ann@example.com")
+    change = {"email": "BOB@example.com", "current_password": PASSWORD}
+    response = await client.patch(ME, json=change, headers=headers)
     assert response.status_code == 409
     assert response.json() == {"detail": "Email already registered"}
-    assert (await client.get(user_url(ann["id"]))).json() == ann
-
-
-async def test_update_unknown_user_returns_404(client: httpx.AsyncClient) -> None:
-    response = await client.patch(user_url(999999), json={"is_active": False})
-    assert response.status_code == 404
+    assert (await client.get(ME, headers=headers)).json() == ann
 
 
 @pytest.mark.parametrize(
     "body",
     [
-        {"email": None},
-        {"password": None},
-        {"is_active": None},
-        {"password": "short"},
-        {"email": "nope"},
-        {"is_active": "maybe"},
+        {"email": None, "current_password": PASSWORD},
+        {"password": None, "current_password": PASSWORD},
+        {"password": "short", "current_password": PASSWORD},
+        {"email": "nope", "current_password": PASSWORD},
+        {"is_active": False},
+        {"is_active": False, "current_password": PASSWORD},
+        {"id": 999},
     ],
 )
-async def test_update_user_rejects_bad_values_with_422(
+async def test_update_me_rejects_bad_values_with_422(
     client: httpx.AsyncClient, body: dict[str, Any]
 ) -> None:
-    user = await create(client, "ann@example.com")
-    response = await client.patch(user_url(user["id"]), json=body)
+    ann = await sign_up(client, "ann@example.com")
+    headers = await log_in(client, "ann@example.com")
+    response = await client.patch(ME, json=body, headers=headers)
     assert response.status_code == 422
-    assert (await client.get(user_url(user["id"]))).json() == user
+    assert (await client.get(ME, headers=headers)).json() == ann
 
 
-async def test_delete_user_returns_204_then_404(client: httpx.AsyncClient) -> None:
-    user = await create(client, "ann@example.com")
-    response = await client.delete(user_url(user["id"]))
+async def test_update_me_with_an_empty_body_changes_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    ann = await sign_up(client, "ann@example.com")
+    headers = await log_in(client, "ann@example.com")
+    response = await client.patch(ME, json={}, headers=headers)
+    assert response.status_code == 200
+    assert response.json() == ann
+
+
+async def test_delete_me_deletes_the_account_and_its_sessions(
+    client: httpx.AsyncClient,
+) -> None:
+    from db import Tokens
+
+    ann = await sign_up(client, "ann@example.com")
+    await sign_up(client, "bob@example.com")
+    headers = await log_in(client, "ann@example.com")
+    bob_headers = await log_in(client, "bob@example.com")
+
+    response = await client.delete(ME, headers=headers)
     assert response.status_code == 204
     assert response.content == b""
-    assert (await client.get(user_url(user["id"]))).status_code == 404
-    assert (await client.delete(user_url(user["id"]))).status_code == 404
+    assert (await client.get(ME, headers=headers)).status_code == 401
+    assert await Tokens.objects.filter(user=ann["id"]).count() == 0
+    assert (
+        await client.get(user_url(ann["id"]), headers=bob_headers)
+    ).status_code == 404
+    form = {"username": "ann@example.com", "password": PASSWORD}
+    assert (await client.post("/auth/token", data=form)).status_code == 401
 
 
 async def test_no_response_contains_the_password_or_its_hash(
     client: httpx.AsyncClient,
 ) -> None:
     password, new_password = "first-s3cret", "second-s3cret"
-    user = await create(client, "ann@example.com", password)
+    user = await sign_up(client, "ann@example.com", password)
+    headers = await log_in(client, "ann@example.com", password)
+    change = {"password": new_password, "current_password": password}
     responses = [
-        await client.get(USERS),
-        await client.get(user_url(user["id"])),
-        await client.patch(user_url(user["id"]), json={"password": new_password}),
+        await client.get(USERS, headers=headers),
+        await client.get(user_url(user["id"]), headers=headers),
+        await client.get(ME, headers=headers),
+        await client.patch(ME, json=change, headers=headers),
+        await client.patch(ME, json={"password": password}, headers=headers),
         await client.post(
             USERS, json={"email": "ann@example.com", "password": password}
         ),
-        await client.get(app.url_path_for("health")),
+        await client.post(USERS, json={"email": "bad", "password": password}),
+        await client.post("/auth/token", data={"username": "x", "password": password}),
+        await client.get(HEALTH),
         await client.get("/openapi.json"),
-        await client.delete(user_url(user["id"])),
+        await client.delete(ME, headers=headers),
     ]
     for response in responses:
         for secret in (password, new_password, "$argon2", '"password": "$'):
@@ -217,36 +299,27 @@ async def test_no_response_contains_the_password_or_its_hash(
 async def test_passwords_are_stored_as_argon2id_hashes(
     client: httpx.AsyncClient,
 ) -> None:
-    from db import Users
-    from main import password_hash
-
-    user = await create(client, "ann@example.com", "first-s3cret")
+    user = await sign_up(client, "ann@example.com", "first-s3cret")
     stored = (await Users.objects.get(id=user["id"])).password
     assert stored.startswith("$argon2id$")
     assert password_hash.verify("first-s3cret", stored)
-
-    await client.patch(user_url(user["id"]), json={"password": "second-s3cret"})
-    stored = (await Users.objects.get(id=user["id"])).password
-    assert password_hash.verify("second-s3cret", stored)
 
 
 async def test_parallel_sign_ups_all_land(client: httpx.AsyncClient) -> None:
     emails = [f"user{i}@example.com" for i in range(30)]
     statuses: list[int] = []
 
-    async def sign_up(email: str) -> None:
-        response = await client.post(
-            USERS, json={"email": email, "password": "s3cret-pass"}
-        )
+    async def create(email: str) -> None:
+        response = await client.post(USERS, json={"email": email, "password": PASSWORD})
         statuses.append(response.status_code)
 
     async with anyio.create_task_group() as tasks:
         for email in emails:
-            tasks.start_soon(sign_up, email)
+            tasks.start_soon(create, email)
 
     assert statuses == [201] * len(emails)
-    listed = (await client.get(USERS, params={"limit": 100})).json()
-    assert sorted(user["email"] for user in listed) == sorted(emails)
+    stored = await Users.objects.values_list("email", flatten=True)
+    assert sorted(stored) == sorted(emails)
 
 
 async def test_parallel_sign_ups_with_one_email_give_one_201_and_409s(
@@ -254,57 +327,33 @@ async def test_parallel_sign_ups_with_one_email_give_one_201_and_409s(
 ) -> None:
     statuses: list[int] = []
 
-    async def sign_up(password: str) -> None:
-        response = await client.post(
-            USERS, json={"email": "same@example.com", "password": password}
-        )
-        statuses.append(response.status_code)
+    async def create(password: str) -> None:
+        body = {"email": "same@example.com", "password": password}
+        statuses.append((await client.post(USERS, json=body)).status_code)
 
     async with anyio.create_task_group() as tasks:
         for i in range(10):
-            tasks.start_soon(sign_up, f"password-{i}")
+            tasks.start_soon(create, f"password-{i}")
 
     assert sorted(statuses) == [201] + [409] * 9
-    assert len((await client.get(USERS)).json()) == 1
-
-
-async def test_parallel_email_changes_to_one_address_give_one_200_and_409s(
-    client: httpx.AsyncClient,
-) -> None:
-    # No hashing on this path, so the requests really meet at the unique constraint.
-    users = [await create(client, f"user{i}@example.com") for i in range(10)]
-    statuses: list[int] = []
-
-    async def change_email(user_id: int) -> None:
-        response = await client.patch(
-            user_url(user_id), json={"email": "same@example.com"}
-        )
-        statuses.append(response.status_code)
-
-    async with anyio.create_task_group() as tasks:
-        for user in users:
-            tasks.start_soon(change_email, user["id"])
-
-    assert sorted(statuses) == [200] + [409] * 9
-    listed = (await client.get(USERS)).json()
-    assert [user["email"] for user in listed].count("same@example.com") == 1
+    assert await Users.objects.count() == 1
 
 
 async def test_other_requests_are_served_while_passwords_hash(
     client: httpx.AsyncClient,
 ) -> None:
     started = time.perf_counter()
-    await create(client, "first@example.com")
+    await sign_up(client, "first@example.com")
     one_sign_up = time.perf_counter() - started
 
     waits: list[float] = []
     async with anyio.create_task_group() as tasks:
         started = time.perf_counter()
         for i in range(8):
-            tasks.start_soon(create, client, f"user{i}@example.com")
+            tasks.start_soon(sign_up, client, f"user{i}@example.com")
         await anyio.sleep(0)  # let the sign-ups start hashing
         for _ in range(5):
-            assert (await client.get(app.url_path_for("health"))).status_code == 200
+            assert (await client.get(HEALTH)).status_code == 200
             waits.append(time.perf_counter() - started)
             started = time.perf_counter()
 
