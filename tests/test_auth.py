@@ -1,0 +1,285 @@
+"""Log-in, log-out and bearer tokens, through the real app on a migrated database."""
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from pwdlib import PasswordHash
+from pwdlib.hashers.argon2 import Argon2Hasher
+
+import main
+from conftest import PASSWORD, PROJECT_DIR, log_in, sign_up
+from db import Tokens, Users
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = main.app.url_path_for("log_in")
+ME = main.app.url_path_for("read_me")
+USERS = main.app.url_path_for("list_users")
+NOT_AUTHENTICATED = {"detail": "Not authenticated"}
+
+
+def form(email: str, password: str = PASSWORD) -> dict[str, str]:
+    return {"username": email, "password": password}
+
+
+def bearer(headers: dict[str, str]) -> str:
+    return headers["Authorization"].removeprefix("Bearer ")
+
+
+async def test_log_in_answers_a_bearer_token_kept_only_as_a_digest(
+    client: httpx.AsyncClient,
+) -> None:
+    user = await sign_up(client, "ann@example.com")
+    response = await client.post(TOKEN, data=form("Ann@Example.com"))
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert body == {"access_token": body["access_token"], "token_type": "bearer"}
+
+    [stored] = await Tokens.objects.filter(user=user["id"]).all()
+    assert stored.digest == hashlib.sha256(body["access_token"].encode()).hexdigest()
+    assert body["access_token"] not in str(await Tokens.objects.values())
+    headers = {"Authorization": f"Bearer {body['access_token']}"}
+    assert (await client.get(ME, headers=headers)).json() == user
+
+
+async def test_unknown_email_wrong_password_and_inactive_get_one_401(
+    client: httpx.AsyncClient,
+) -> None:
+    ann = await sign_up(client, "ann@example.com")
+    await sign_up(client, "off@example.com")
+    await Users.objects.filter(email="off@example.com").update(is_active=False)
+
+    answers = [
+        await client.post(TOKEN, data=form("nobody@example.com")),
+        await client.post(TOKEN, data=form("ann@example.com", "wrong-password")),
+        await client.post(TOKEN, data=form("off@example.com")),
+    ]
+    for response in answers:
+        assert response.status_code == 401
+        assert response.json() == NOT_AUTHENTICATED
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert await Tokens.objects.count() == 0
+    assert (await Users.objects.get(id=ann["id"])).is_active
+
+
+async def test_an_unknown_email_costs_a_real_password_check(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Timing without a clock: the dummy hash is what gets verified, and it is a real
+    # hash of the current parameters (a malformed one would return at once).
+    await sign_up(client, "ann@example.com")
+    checked: list[str] = []
+    verify_and_update = main.password_hash.verify_and_update
+
+    def spy(password: str, stored_hash: str) -> tuple[bool, str | None]:
+        checked.append(stored_hash)
+        return verify_and_update(password, stored_hash)
+
+    monkeypatch.setattr(main.password_hash, "verify_and_update", spy)
+    await client.post(TOKEN, data=form("nobody@example.com"))
+    await client.post(TOKEN, data=form("ann@example.com", "wrong-password"))
+
+    stored = (await Users.objects.get(email="ann@example.com")).password
+    assert checked == [main.DUMMY_HASH, stored]
+    hasher = main.password_hash.current_hasher
+    assert hasher.identify(main.DUMMY_HASH)
+    assert not hasher.check_needs_rehash(main.DUMMY_HASH)
+    assert main.DUMMY_HASH.split("$")[:4] == stored.split("$")[:4]  # same parameters
+
+
+async def test_log_in_upgrades_a_hash_made_with_older_parameters(
+    client: httpx.AsyncClient,
+) -> None:
+    user = await sign_up(client, "ann@example.com")
+    weak = PasswordHash([Argon2Hasher(time_cost=1, memory_cost=8192)]).hash(PASSWORD)
+    await Users.objects.filter(id=user["id"]).update(password=weak)
+
+    await log_in(client, "ann@example.com")
+
+    stored = (await Users.objects.get(id=user["id"])).password
+    assert stored != weak
+    assert not main.password_hash.current_hasher.check_needs_rehash(stored)
+    assert main.password_hash.verify(PASSWORD, stored)
+
+
+async def test_every_bad_token_gets_the_same_401(client: httpx.AsyncClient) -> None:
+    await sign_up(client, "ann@example.com")
+    expired = bearer(await log_in(client, "ann@example.com"))
+    await Tokens.objects.filter(digest=main.token_digest(expired)).update(
+        expires_at=datetime.now(UTC) - timedelta(seconds=1)
+    )
+    revoked = await log_in(client, "ann@example.com")
+    assert (await client.delete(TOKEN, headers=revoked)).status_code == 204
+
+    for authorization in [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        "Basic YW5uOnBhc3M=",
+        "Bearer not-a-token",
+        "Bearer " + "x" * 4000,
+        f"Bearer {expired}",
+        revoked["Authorization"],
+    ]:
+        headers = {} if authorization is None else {"Authorization": authorization}
+        for method, url in [("GET", ME), ("GET", USERS), ("DELETE", TOKEN)]:
+            response = await client.request(method, url, headers=headers)
+            assert response.status_code == 401, (authorization, url)
+            assert response.json() == NOT_AUTHENTICATED
+            assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_log_out_ends_only_the_presented_token(
+    client: httpx.AsyncClient,
+) -> None:
+    await sign_up(client, "ann@example.com")
+    phone = await log_in(client, "ann@example.com")
+    laptop = await log_in(client, "ann@example.com")
+
+    response = await client.delete(TOKEN, headers=phone)
+    assert response.status_code == 204
+    assert (await client.get(ME, headers=phone)).status_code == 401
+    assert (await client.get(ME, headers=laptop)).status_code == 200
+
+
+async def test_an_inactive_accounts_tokens_stop_working(
+    client: httpx.AsyncClient,
+) -> None:
+    user = await sign_up(client, "ann@example.com")
+    headers = await log_in(client, "ann@example.com")
+    await Users.objects.filter(id=user["id"]).update(is_active=False)
+    assert (await client.get(ME, headers=headers)).status_code == 401
+
+    await Users.objects.filter(id=user["id"]).update(is_active=True)
+    assert (await client.get(ME, headers=headers)).status_code == 200
+
+
+async def test_log_in_deletes_the_users_expired_tokens(
+    client: httpx.AsyncClient,
+) -> None:
+    ann = await sign_up(client, "ann@example.com")
+    bob = await sign_up(client, "bob@example.com")
+    for user in (ann, bob):
+        await log_in(client, user["email"])
+    await Tokens.objects.update(each=True, expires_at=datetime.now(UTC))
+
+    await log_in(client, "ann@example.com")
+
+    assert await Tokens.objects.filter(user=ann["id"]).count() == 1
+    assert await Tokens.objects.filter(user=bob["id"]).count() == 1
+
+
+async def test_tokens_expire_after_the_configured_lifetime(
+    client: httpx.AsyncClient,
+) -> None:
+    await sign_up(client, "ann@example.com")
+    before = datetime.now(UTC)
+    await log_in(client, "ann@example.com")
+    [token] = await Tokens.objects.all()
+    lifetime = token.expires_at - token.created_at
+    assert lifetime == main.TOKEN_LIFETIME == timedelta(hours=24)
+    assert token.created_at.replace(tzinfo=UTC) >= before - timedelta(seconds=1)
+
+
+async def test_past_the_queue_bound_sign_up_and_log_in_answer_503_at_once(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await sign_up(client, "ann@example.com")
+    headers = await log_in(client, "ann@example.com")
+    monkeypatch.setattr(main, "HASHING_QUEUE", 2)
+    limiter = main.hashing_limiter
+    holders = [object() for _ in range(int(limiter.total_tokens))]
+    for holder in holders:  # every hashing thread busy
+        await limiter.acquire_on_behalf_of(holder)
+
+    statuses: list[int] = []
+
+    async def create(email: str) -> None:
+        body = {"email": email, "password": PASSWORD}
+        statuses.append((await client.post(USERS, json=body)).status_code)
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(create, "queued1@example.com")
+            tasks.start_soon(create, "queued2@example.com")
+            while limiter.statistics().tasks_waiting < 2:
+                await anyio.sleep(0.01)
+
+            with anyio.fail_after(5):  # answered without waiting for a thread
+                for response in [
+                    await client.post(
+                        USERS, json={"email": "x@example.com", "password": PASSWORD}
+                    ),
+                    await client.post(TOKEN, data=form("ann@example.com")),
+                ]:
+                    assert response.status_code == 503
+                    assert response.headers["retry-after"] == "1"
+                    assert "detail" in response.json()
+                assert (await client.get(ME, headers=headers)).status_code == 200
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+            holders = []
+    finally:
+        for holder in holders:
+            limiter.release_on_behalf_of(holder)
+
+    assert statuses == [201, 201]
+    assert await Users.objects.filter(email="x@example.com").count() == 0
+
+
+def run_main(cpus: set[int], expression: str, **env: str) -> int:
+    """Evaluate `expression` after importing main in a process pinned to `cpus`."""
+    code = (
+        f"import os; os.sched_setaffinity(0, {cpus}); import main; print({expression})"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PROJECT_DIR,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(result.stdout)
+
+
+def test_hashing_threads_follow_the_cpus_the_process_may_use() -> None:
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        pytest.skip("needs two CPUs to tell one from the other")
+    one, two = set(available[:1]), set(available[:2])
+    assert run_main(one, "main.usable_cpus()") == 1
+    assert run_main(two, "main.usable_cpus()") == 2
+    # One core stays with the event loop; a setting overrides the count.
+    assert run_main(two, "main.HASHING_THREADS") == 1
+    assert run_main(two, "main.HASHING_THREADS", PASSWORD_HASHING_THREADS="4") == 4
+
+
+async def test_no_password_in_any_log_line(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "never-log-this-s3cret"
+    requests: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", USERS, {"json": {"email": "ann@example.com", "password": secret}}),
+        ("POST", USERS, {"json": {"email": "ann@example.com", "password": secret}}),
+        ("POST", USERS, {"json": {"email": "bad", "password": secret}}),
+        ("POST", USERS, {"content": f'{{"email": NaN, "password": "{secret}"}}'}),
+        ("POST", TOKEN, {"data": form("ann@example.com", secret)}),
+        ("POST", TOKEN, {"data": form("nobody@example.com", secret)}),
+    ]
+    for method, url, options in requests:
+        response = await client.request(method, url, **options)
+        assert secret not in response.text
+    assert caplog.records  # the app's and the libraries' loggers were captured
+    assert secret not in caplog.text
