@@ -54,6 +54,9 @@ def run_migrations_offline() -> None:
 
 def do_run_migrations(connection: Connection) -> None:
     # SQLite cannot ALTER most things in place: batch mode rebuilds the table instead.
+    # Foreign keys stay off on this connection (SQLite's default; only the app's engine
+    # turns them on): dropping the old table would otherwise delete every row that
+    # references it, such as every user's tokens.
     configure(
         connection=connection, render_as_batch=connection.dialect.name == "sqlite"
     )

@@ -145,3 +145,65 @@ def test_revisions_with_ormar_column_types_run_as_written(
         project, empty_database_url, "check"
     )
     alembic(project, empty_database_url, "downgrade", "-1")
+
+
+def run_sql(url: str, *statements: str) -> list[Any]:
+    """Run statements on one connection (foreign keys on, as the app has them)."""
+
+    async def run() -> list[Any]:
+        engine = create_async_engine(url, poolclass=sqlalchemy.NullPool)
+        async with engine.begin() as connection:
+            if connection.dialect.name == "sqlite":
+                await connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            results = [await connection.exec_driver_sql(s) for s in statements]
+            rows = [r.all() if r.returns_rows else None for r in results]
+        await engine.dispose()
+        return rows
+
+    return asyncio.run(run())
+
+
+ADD_USER_WITH_TOKEN = [
+    "INSERT INTO users (id, email, password, is_active) VALUES (7, 'a@b.co', 'h', true)",
+    "INSERT INTO tokens (digest, user_id, created_at, expires_at)"
+    " VALUES ('d1', 7, '2026-01-01 00:00:00', '2026-01-02 00:00:00')",
+]
+
+
+def test_deleting_a_user_deletes_its_tokens(
+    alembic_runner: MigrationContext, empty_database_url: str
+) -> None:
+    alembic_runner.migrate_up_to("heads")
+    run_sql(empty_database_url, *ADD_USER_WITH_TOKEN)
+    [count] = run_sql(
+        empty_database_url,
+        "DELETE FROM users WHERE id = 7",
+        "SELECT count(*) FROM tokens",
+    )[1]
+    assert count == (0,)
+
+
+def test_a_later_rebuild_of_users_keeps_every_token(
+    tmp_path: Path, empty_database_url: str
+) -> None:
+    # On SQLite, batch mode copies `users`, drops the old table and renames the copy:
+    # with foreign keys on, dropping it would cascade to every token.
+    project = copy_project(tmp_path)
+    alembic(project, empty_database_url, "upgrade", "head")
+    run_sql(empty_database_url, *ADD_USER_WITH_TOKEN)
+    db = project / "db.py"
+    db.write_text(
+        db.read_text().replace(
+            "is_active: bool = ormar.Boolean(default=True)",
+            "is_active: bool = ormar.Boolean(default=True, nullable=False)",
+        )
+    )
+    output = alembic(
+        project, empty_database_url, "revision", "--autogenerate", "-m", "x"
+    )
+    assert "Detected NOT NULL on column 'users.is_active'" in output
+    alembic(project, empty_database_url, "upgrade", "head")
+
+    assert run_sql(empty_database_url, "SELECT digest, user_id FROM tokens") == [
+        [("d1", 7)]
+    ]
