@@ -31,6 +31,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy.exc import IntegrityError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -82,9 +83,12 @@ class UserCreate(BaseModel):
 class UserUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")  # `is_active` and typos are a 422
 
-    email: Email | None = None
-    password: Password | None = None
-    current_password: str | None = Field(default=None, max_length=128)
+    # Optional, but not nullable: the schema says so (SkipJsonSchema hides the None).
+    email: Email | SkipJsonSchema[None] = None
+    password: Password | SkipJsonSchema[None] = None
+    current_password: Annotated[str, Field(max_length=128)] | SkipJsonSchema[None] = (
+        None
+    )
 
     @field_validator("*", mode="before")
     @classmethod

@@ -1,0 +1,333 @@
+"""The OpenAPI document is the contract: every answer is declared, with its shape, and
+nothing a client sends gets a 5xx or has its values echoed back."""
+
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import make_url
+
+import main
+from conftest import PASSWORD, TEST_DATABASE_URL, log_in, sign_up
+from db import database
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "do-not-echo-s3cret"
+
+
+def declared_codes() -> dict[str, set[int]]:
+    """operationId -> the status codes its route declares in the OpenAPI document."""
+    codes: dict[str, set[int]] = {}
+    for methods in main.app.openapi()["paths"].values():
+        for operation in methods.values():
+            codes[operation["operationId"]] = {int(c) for c in operation["responses"]}
+    return codes
+
+
+def test_operation_ids_are_the_function_names() -> None:
+    assert set(declared_codes()) == {
+        "create_user",
+        "log_in",
+        "log_out",
+        "read_me",
+        "update_me",
+        "delete_me",
+        "list_users",
+        "read_user",
+        "health",
+    }
+
+
+def test_every_error_is_declared_with_the_detail_shape() -> None:
+    document = main.app.openapi()
+    for methods in document["paths"].values():
+        for operation in methods.values():
+            for code, response in operation["responses"].items():
+                if int(code) < 400:
+                    continue
+                schema = response["content"]["application/json"]["schema"]
+                name = schema["$ref"].rsplit("/", 1)[-1]
+                properties = document["components"]["schemas"][name]["properties"]
+                assert set(properties) == {"detail"}, (operation["operationId"], code)
+
+
+@asynccontextmanager
+async def unreachable_database() -> AsyncIterator[None]:
+    """The app's database, swapped for one that cannot be reached, then restored."""
+    url = make_url(TEST_DATABASE_URL)
+    if url.get_backend_name() == "sqlite":
+        unreachable = url.set(database="/nonexistent/directory/db.sqlite")
+    else:
+        unreachable = url.set(host="127.0.0.1", port=9)  # nothing listens there
+    original = database._url
+    await database.disconnect()
+    database._url = unreachable.render_as_string(hide_password=False)
+    await database.connect()
+    try:
+        yield
+    finally:
+        await database.disconnect()
+        database._url = original
+        await database.connect()
+
+
+def validate(response: httpx.Response) -> None:
+    """The body has the shape that the document declares for its status code."""
+    body: Any = response.json() if response.content else None
+    if response.status_code == 422:
+        assert all(set(e) == {"type", "loc", "msg"} for e in body["detail"])
+    elif response.status_code >= 400:
+        assert set(body) == {"detail"} and isinstance(body["detail"], str)
+    assert SECRET not in response.text
+
+
+async def test_each_route_answers_exactly_the_codes_it_declares(
+    client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await sign_up(client, "ann@example.com")
+    await sign_up(client, "bob@example.com")
+    me = await log_in(client, "ann@example.com")
+    url = main.app.url_path_for
+    json_type = {"content-type": "application/json"}
+    big = {"email": "ann@example.com", "password": "x" * 20000}
+    not_utf8 = b"\x80"
+    answered: dict[str, set[int]] = defaultdict(set)
+
+    async def call(operation: str, method: str, path: str, **options: Any) -> None:
+        response = await client.request(method, path, **options)
+        validate(response)
+        answered[operation].add(response.status_code)
+
+    cases: list[tuple[str, str, str, dict[str, Any]]] = [
+        (
+            "create_user",
+            "POST",
+            url("create_user"),
+            {"json": {"email": "new@example.com", "password": SECRET}},
+        ),
+        (
+            "create_user",
+            "POST",
+            url("create_user"),
+            {"json": {"email": "ann@example.com", "password": SECRET}},
+        ),
+        (
+            "create_user",
+            "POST",
+            url("create_user"),
+            {"json": {"email": "x", "password": SECRET}},
+        ),
+        ("create_user", "POST", url("create_user"), {"json": big}),
+        (
+            "create_user",
+            "POST",
+            url("create_user"),
+            {"content": not_utf8, "headers": json_type},
+        ),
+        (
+            "log_in",
+            "POST",
+            url("log_in"),
+            {"data": {"username": "ann@example.com", "password": PASSWORD}},
+        ),
+        (
+            "log_in",
+            "POST",
+            url("log_in"),
+            {"data": {"username": "ann@example.com", "password": SECRET}},
+        ),
+        ("log_in", "POST", url("log_in"), {"data": {"username": "ann@example.com"}}),
+        (
+            "log_in",
+            "POST",
+            url("log_in"),
+            {"data": {"username": "a", "password": "x" * 20000}},
+        ),
+        (
+            "log_in",
+            "POST",
+            url("log_in"),
+            {
+                "content": b"--x\r\n",
+                "headers": {"content-type": "multipart/form-data"},
+            },
+        ),
+        ("read_me", "GET", url("read_me"), {"headers": me}),
+        ("read_me", "GET", url("read_me"), {}),
+        ("update_me", "PATCH", url("update_me"), {"json": {}, "headers": me}),
+        ("update_me", "PATCH", url("update_me"), {"json": {}}),
+        (
+            "update_me",
+            "PATCH",
+            url("update_me"),
+            {"json": {"email": "b@example.com"}, "headers": me},
+        ),
+        (
+            "update_me",
+            "PATCH",
+            url("update_me"),
+            {
+                "json": {"email": "b@example.com", "current_password": SECRET},
+                "headers": me,
+            },
+        ),
+        (
+            "update_me",
+            "PATCH",
+            url("update_me"),
+            {
+                "json": {"email": "bob@example.com", "current_password": PASSWORD},
+                "headers": me,
+            },
+        ),
+        ("update_me", "PATCH", url("update_me"), {"json": big, "headers": me}),
+        (
+            "update_me",
+            "PATCH",
+            url("update_me"),
+            {"content": not_utf8, "headers": me | json_type},
+        ),
+        ("list_users", "GET", url("list_users"), {"headers": me}),
+        ("list_users", "GET", url("list_users"), {}),
+        (
+            "list_users",
+            "GET",
+            url("list_users"),
+            {"params": {"limit": 10**30}, "headers": me},
+        ),
+        ("read_user", "GET", url("read_user", user_id="1"), {"headers": me}),
+        ("read_user", "GET", url("read_user", user_id=str(2**31 - 1)), {"headers": me}),
+        ("read_user", "GET", url("read_user", user_id="1"), {}),
+        ("read_user", "GET", url("read_user", user_id=str(2**31)), {"headers": me}),
+        ("health", "GET", url("health"), {}),
+        ("log_out", "DELETE", url("log_out"), {}),
+    ]
+    for case in cases:
+        await call(case[0], case[1], case[2], **case[3])
+    first = (await client.get(url("list_users"), headers=me)).json()[0]
+    await call(
+        "read_user", "GET", url("read_user", user_id=str(first["id"])), headers=me
+    )
+
+    # 503: too many hashes waiting, then a database that cannot be reached.
+    monkeypatch.setattr(main, "HASHING_QUEUE", 0)
+    await call(
+        "create_user",
+        "POST",
+        url("create_user"),
+        json={"email": "q@example.com", "password": SECRET},
+    )
+    await call(
+        "log_in",
+        "POST",
+        url("log_in"),
+        data={"username": "ann@example.com", "password": PASSWORD},
+    )
+    await call(
+        "update_me",
+        "PATCH",
+        url("update_me"),
+        json={"password": SECRET, "current_password": PASSWORD},
+        headers=me,
+    )
+    monkeypatch.undo()
+    async with unreachable_database():
+        for operation, method, path in [
+            ("read_me", "GET", url("read_me")),
+            ("delete_me", "DELETE", url("delete_me")),
+            ("log_out", "DELETE", url("log_out")),
+            ("list_users", "GET", url("list_users")),
+            ("read_user", "GET", url("read_user", user_id="1")),
+            ("health", "GET", url("health")),
+        ]:
+            await call(operation, method, path, headers=me)
+
+    await call("log_out", "DELETE", url("log_out"), headers=me)
+    me = await log_in(client, "ann@example.com")
+    await call("delete_me", "DELETE", url("delete_me"), headers=me)
+    await call("delete_me", "DELETE", url("delete_me"), headers=me)
+
+    assert answered == declared_codes()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", f'{{"email": NaN, "password": "{SECRET}"}}'),
+        (
+            "application/json",
+            f'{{"email": "a@example.com", "password": Infinity, "x": "{SECRET}"}}',
+        ),
+        ("application/json", f'{{"email": "{SECRET}@", "password": "{SECRET}"}}'),
+        (
+            "application/json",
+            f'{{"email": ["{SECRET}"], "password": {{"{SECRET}": 1}}}}',
+        ),
+        (
+            "application/json",
+            f'{{"email": "a@example.com", "password": "{SECRET * 9}"}}',
+        ),
+        ("application/json", f'"{SECRET}"'),
+        ("application/json", f'{{"email": "{SECRET}'),
+        ("application/json", "[" * 5000 + "]" * 5000),
+        ("application/json", b"\x80\x81"),
+        (
+            "application/json; charset=utf-16",
+            f'{{"password": "{SECRET}"}}'.encode("utf-16"),
+        ),
+        ("text/plain", f'{{"email": "a@example.com", "password": "{SECRET}"}}'),
+        (
+            "application/x-www-form-urlencoded",
+            f"email=a%40example.com&password={SECRET}",
+        ),
+        ("multipart/form-data; boundary=x", f"--x\r\n{SECRET}"),
+        ("application/xml", f"<email>{SECRET}</email>"),
+    ],
+)
+async def test_hostile_bodies_get_a_4xx_that_echoes_nothing(
+    client: httpx.AsyncClient, content_type: str, body: str | bytes
+) -> None:
+    for path in (main.app.url_path_for("create_user"), main.app.url_path_for("log_in")):
+        response = await client.post(
+            path, content=body, headers={"content-type": content_type}
+        )
+        assert response.status_code in {400, 401, 413, 422}, response.text
+        validate(response)
+
+
+async def test_a_chunked_body_over_the_limit_gets_413(
+    client: httpx.AsyncClient,
+) -> None:
+    chunks_sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal chunks_sent
+        for _ in range(1000):  # 16 MB if it were all read
+            chunks_sent += 1
+            yield b" " * 16384
+
+    response = await client.post(
+        main.app.url_path_for("create_user"),
+        content=chunks(),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 413
+    assert response.json() == {"detail": "Request body too large"}
+    assert chunks_sent < 1000  # answered before the whole body was read
+
+
+async def test_a_declared_length_over_the_limit_gets_413_unread(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post(
+        main.app.url_path_for("log_in"),
+        content=b"x" * (main.MAX_BODY_SIZE + 1),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 413
+    assert response.json() == {"detail": "Request body too large"}
