@@ -1,5 +1,6 @@
 """The database connection, the metadata, and the models."""
 
+import contextlib
 import os
 from datetime import datetime
 from typing import Any
@@ -10,6 +11,12 @@ import sqlalchemy
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///db.sqlite")
 
 if DATABASE_URL.startswith("sqlite"):
+    # The file holds emails and password hashes: create it readable by its owner only
+    # (SQLite gives its -wal and -shm files the same mode).
+    path = sqlalchemy.make_url(DATABASE_URL).database
+    if path and path != ":memory:" and not os.path.exists(path):
+        with contextlib.suppress(OSError):  # then connecting reports the problem
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     engine_options: dict[str, Any] = {
         # Concurrent writers wait up to 5 s for SQLite's single write lock instead of
         # failing at once with "database is locked".
@@ -24,7 +31,10 @@ else:
         "max_overflow": int(os.environ.get("DATABASE_MAX_OVERFLOW", "0")),
     }
 
-database = ormar.DatabaseConnection(DATABASE_URL, **engine_options)
+# Error messages (and so the logs) leave out query parameters: emails, hashes.
+database = ormar.DatabaseConnection(
+    DATABASE_URL, hide_parameters=True, **engine_options
+)
 
 # Named constraints, so that migrations (batch mode on SQLite) can drop them later.
 metadata = sqlalchemy.MetaData(

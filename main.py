@@ -213,10 +213,21 @@ MIGRATIONS_HEAD = ScriptDirectory.from_config(
 ).get_current_head()
 
 
+def use_wal(connection: Any, _: Any) -> None:
+    # WAL lets readers go on while one writer writes; it is stored in the file.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not database.is_connected:
         await database.connect()
+    if database.dialect.name == "sqlite":
+        # On each new connection, not once here: the app starts even when the
+        # database cannot be opened yet, and answers 503 until it can.
+        sqlalchemy.event.listen(database.engine.sync_engine, "connect", use_wal)
     yield
     if database.is_connected:
         await database.disconnect()

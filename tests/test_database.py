@@ -1,10 +1,16 @@
 """The database under the app: lifespan, transactions, SQLite's settings."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import pytest
 import sqlalchemy
 from asgi_lifespan import LifespanManager
 
+from conftest import PROJECT_DIR, TEST_DATABASE_URL
 from db import Users, database
 from main import app
 
@@ -44,3 +50,34 @@ async def test_sqlite_is_set_up_for_concurrent_requests(
             ("foreign_keys", 1),
         ]:
             assert await connection.scalar(sqlalchemy.text(f"PRAGMA {pragma}")) == value
+
+
+def test_the_sqlite_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    if not TEST_DATABASE_URL.startswith("sqlite"):
+        pytest.skip("PostgreSQL keeps its own files")
+    env = {**os.environ, "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/app.sqlite"}
+    alembic = [sys.executable, "-m", "alembic", "upgrade", "head"]
+    subprocess.run(alembic, cwd=PROJECT_DIR, env=env, check=True, capture_output=True)
+    # While the app is connected, the -wal and -shm files exist too.
+    code = (
+        "import asyncio, glob, os, asgi_lifespan, db, main\n"
+        "async def run():\n"
+        "    async with asgi_lifespan.LifespanManager(main.app):\n"
+        "        await db.Users.objects.count()\n"
+        "        for path in sorted(glob.glob(db.DATABASE_URL.split('///')[1] + '*')):\n"
+        "            print(os.path.basename(path), oct(os.stat(path).st_mode & 0o777))\n"
+        "asyncio.run(run())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.split("\n")[:3] == [
+        "app.sqlite 0o600",
+        "app.sqlite-shm 0o600",
+        "app.sqlite-wal 0o600",
+    ]
