@@ -8,6 +8,7 @@ output (uvicorn's access log included), and that no request was answered 500.
 import asyncio
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -271,6 +272,30 @@ async def test_unreachable_postgresql_answers_503_then_recovers_by_itself(
             assert_clean_log(server)
     finally:
         proxy.close()
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="SQLite has no server to lose")
+async def test_a_silent_postgresql_answers_503_within_the_connect_timeout(
+    tmp_path: Path,
+) -> None:
+    # A server that accepts TCP and never answers (dropped packets, a hung host):
+    # without db.py's connect timeout, asyncpg waits 60 s.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = make_url(TEST_DATABASE_URL).set(
+            host="127.0.0.1", port=silent.getsockname()[1]
+        )
+        with start_server(
+            url.render_as_string(hide_password=False),
+            tmp_path / "server.log",
+            ready_path="/openapi.json",
+        ) as server:
+            async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
+                outcome, seconds = await timed(client, "/health")
+        assert_unavailable(outcome)
+        assert seconds < 7
+        assert_clean_log(server)
 
 
 @pytest.mark.skipif(POSTGRESQL, reason="a PostgreSQL database is not a file")
