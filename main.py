@@ -306,6 +306,15 @@ for unavailable in (
     app.add_exception_handler(unavailable, database_unavailable)
 
 
+@app.exception_handler(sqlalchemy.exc.DBAPIError)
+async def connection_lost(request: Request, error: Exception) -> JSONResponse:
+    # A connection killed mid-query (pg_terminate_backend, a failover) raises a plain
+    # DBAPIError, or InternalError on asyncpg; SQLAlchemy marks it invalidated.
+    if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
+        return await database_unavailable(request, error)
+    raise error
+
+
 @app.post(
     "/users",
     response_model=UserRead,

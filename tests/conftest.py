@@ -6,9 +6,15 @@ default it runs on a new SQLite file. The database DATABASE_URL names is never t
 
 import asyncio
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +119,74 @@ def alembic_engine(empty_database_url: str) -> AsyncEngine:
     NullPool, because pytest-alembic runs each step in an event loop of its own.
     """
     return create_async_engine(empty_database_url, poolclass=pool.NullPool)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def migrate(database_url: str) -> None:
+    """Bring a database to the newest revision with the real command, in a process."""
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=PROJECT_DIR,
+        env={**os.environ, "DATABASE_URL": database_url},
+        check=True,
+    )
+
+
+@dataclass
+class Server:
+    """A `uvicorn main:app` process, and the file its stdout and stderr go to."""
+
+    process: "subprocess.Popen[bytes]"
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the process printed: uvicorn's access log and the app's errors."""
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def start_server(
+    database_url: str,
+    log_path: Path,
+    *uvicorn_args: str,
+    env: dict[str, str] | None = None,
+    ready_path: str = "/health",
+) -> Iterator[Server]:
+    """Run `uvicorn main:app` on a database until it answers 200 on `ready_path`.
+
+    On the way out the process gets a SIGTERM, unless the test has stopped it already.
+    """
+    port = free_port()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)]
+            + list(uvicorn_args),
+            cwd=PROJECT_DIR,
+            env={**os.environ, **(env or {}), "DATABASE_URL": database_url},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, f"the server exited:\n{server.log()}"
+            try:
+                if httpx.get(server.url + ready_path).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(timeout=30)

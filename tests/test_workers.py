@@ -1,62 +1,23 @@
 """Several app processes (`uvicorn --workers 2`) serve the API on one database."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 
-from conftest import PROJECT_DIR
+from conftest import migrate, start_server
 
 
 @pytest.fixture
-def server_url(empty_database_url: str) -> Iterator[str]:
+def server_url(empty_database_url: str, tmp_path: Path) -> Iterator[str]:
     """Migrate a new database once, then start two workers on it, as the README says."""
-    env = {**os.environ, "DATABASE_URL": empty_database_url}
-    subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=PROJECT_DIR,
-        env=env,
-        check=True,
-    )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "main:app",
-            "--workers",
-            "2",
-            "--port",
-            str(port),
-        ],
-        cwd=PROJECT_DIR,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, "the server exited"
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    migrate(empty_database_url)
+    with start_server(
+        empty_database_url, tmp_path / "server.log", "--workers", "2"
+    ) as server:
+        yield server.url
 
 
 @pytest.mark.anyio
