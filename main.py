@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db import Tokens, Users, database
 
-logger = logging.getLogger("main")
+logger = logging.getLogger(__name__)
 
 
 def usable_cpus() -> int:
@@ -286,7 +286,19 @@ async def validation_failed(
     return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
+@app.exception_handler(sqlalchemy.exc.DBAPIError)
+@app.exception_handler(sqlalchemy.exc.TimeoutError)  # every pooled connection busy
+@app.exception_handler(OSError)  # the server cannot be reached
 async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
+    """503 while the database cannot serve: the client may retry, nothing is lost."""
+    # A killed connection (a restart, a failover) comes as any DBAPIError that
+    # SQLAlchemy marks invalidated; a locked or missing SQLite file as OperationalError.
+    outage = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+    lost = getattr(error, "connection_invalidated", False)
+    if isinstance(error, sqlalchemy.exc.DBAPIError) and not (
+        isinstance(error, outage) or lost
+    ):
+        raise error  # a bug, not an outage: a 500 with its traceback in the log
     # Operators read the cause in the log; clients learn only when to retry.
     logger.error("database unavailable: %s", error)
     return JSONResponse(
@@ -294,25 +306,6 @@ async def database_unavailable(request: Request, error: Exception) -> JSONRespon
         status.HTTP_503_SERVICE_UNAVAILABLE,
         headers={"Retry-After": "1"},
     )
-
-
-# Lost connections, an unreachable server, a locked SQLite file, a full pool.
-for unavailable in (
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-    sqlalchemy.exc.TimeoutError,
-    OSError,
-):
-    app.add_exception_handler(unavailable, database_unavailable)
-
-
-@app.exception_handler(sqlalchemy.exc.DBAPIError)
-async def connection_lost(request: Request, error: Exception) -> JSONResponse:
-    # A connection killed mid-query (pg_terminate_backend, a failover) raises a plain
-    # DBAPIError, or InternalError on asyncpg; SQLAlchemy marks it invalidated.
-    if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
-        return await database_unavailable(request, error)
-    raise error
 
 
 @app.post(
@@ -332,7 +325,9 @@ async def log_in(
     form: Annotated[OAuth2PasswordRequestForm, Depends()], response: Response
 ) -> Token:
     """Log in with the email as `username`; answers a bearer token."""
-    user = await Users.objects.get_or_none(email=form.username.lower())
+    email = form.username.lower()
+    # No email holds a NUL byte, and PostgreSQL refuses to compare text that does.
+    user = None if "\x00" in email else await Users.objects.get_or_none(email=email)
     stored_hash = user.password if user else DUMMY_HASH
     valid, new_hash = await in_hashing_thread(
         verify_password, form.password, stored_hash

@@ -60,6 +60,7 @@ async def test_unknown_email_wrong_password_and_inactive_get_one_401(
 
     answers = [
         await client.post(TOKEN, data=form("nobody@example.com")),
+        await client.post(TOKEN, data=form("ann\x00@example.com")),  # found by fuzzing
         await client.post(TOKEN, data=form("ann@example.com", "wrong-password")),
         await client.post(TOKEN, data=form("off@example.com")),
     ]
