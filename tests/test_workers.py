@@ -63,7 +63,9 @@ def server_url(empty_database_url: str) -> Iterator[str]:
 async def test_two_workers_serve_the_api_on_one_database(server_url: str) -> None:
     statuses: list[int] = []
 
-    async with httpx.AsyncClient(base_url=server_url) as client:
+    # 20 argon2 hashes on 2 workers take seconds on a busy machine: httpx's default 5 s
+    # read timeout failed here under load; what this test checks is the answers.
+    async with httpx.AsyncClient(base_url=server_url, timeout=60) as client:
 
         async def sign_up_and_read(i: int) -> None:
             response = await client.post(
