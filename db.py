@@ -8,7 +8,45 @@ from typing import Any
 import ormar
 import sqlalchemy
 
-DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///db.sqlite")
+# The async driver for each URL scheme we accept: hosting platforms hand out the sync
+# forms (postgres://, postgresql://, sqlite:///), and the app and alembic need async ones.
+ASYNC_DRIVERS = {
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+}
+
+
+def async_url(url: str) -> str:
+    """The URL with the async driver installed here; ValueError for other drivers."""
+    parsed = sqlalchemy.make_url(url)
+    driver = ASYNC_DRIVERS.get(parsed.drivername)
+    if driver is None:
+        backend = parsed.get_backend_name()
+        instead = ASYNC_DRIVERS.get(
+            backend, "postgresql+asyncpg:// or sqlite+aiosqlite"
+        )
+        raise ValueError(
+            f"DATABASE_URL: {parsed.drivername}:// needs a driver this project does "
+            f"not install; write {instead}:// instead"
+        )
+    parsed = parsed.set(drivername=driver)
+    if "sslmode" in parsed.query:
+        # Platform URLs carry libpq's sslmode=...; SQLAlchemy passes query parameters
+        # to asyncpg.connect() as they are, which takes the same values as ssl=...
+        # and raises TypeError on sslmode.
+        sslmode = parsed.query["sslmode"]
+        parsed = parsed.difference_update_query(["sslmode"]).update_query_dict(
+            {"ssl": sslmode}
+        )
+    return parsed.render_as_string(hide_password=False)
+
+
+DATABASE_URL = async_url(
+    os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///db.sqlite")
+)
 
 if DATABASE_URL.startswith("sqlite"):
     # The file holds emails and password hashes: create it readable by its owner only
