@@ -86,9 +86,7 @@ class UserUpdate(BaseModel):
     # Optional, but not nullable: the schema says so (SkipJsonSchema hides the None).
     email: Email | SkipJsonSchema[None] = None
     password: Password | SkipJsonSchema[None] = None
-    current_password: Annotated[str, Field(max_length=128)] | SkipJsonSchema[None] = (
-        None
-    )
+    current_password: Password | SkipJsonSchema[None] = None
 
     @field_validator("*", mode="before")
     @classmethod
@@ -386,9 +384,11 @@ async def update_me(
     changes = body.model_dump(exclude_unset=True, exclude={"current_password"})
     if not changes:
         return me
-    stored_hash = (await Users.objects.get(id=me["id"])).password
+    user = await Users.objects.get_or_none(id=me["id"])
+    if user is None:  # deleted by a request that ran meanwhile
+        raise NOT_AUTHENTICATED
     valid, _ = await in_hashing_thread(
-        verify_password, body.current_password or "", stored_hash
+        verify_password, body.current_password or "", user.password
     )
     if not valid:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "Wrong current password")

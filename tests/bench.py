@@ -22,13 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from pwdlib import PasswordHash
 from sqlalchemy import make_url, pool, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 PROJECT_DIR = Path(__file__).parent.parent
 ROWS = 1000
-# Any argon2 hash will do: the rows are read, never logged in to.
+# Any argon2 hash will do for the rows that are only read; user1 logs in for real.
 HASH = "$argon2id$v=19$m=65536,t=3,p=4$" + "a" * 22 + "$" + "b" * 43
+PASSWORD = "bench-pass"
 
 
 async def execute(
@@ -48,6 +50,7 @@ def serve(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
     alembic = [sys.executable, "-m", "alembic", "upgrade", "head"]
     subprocess.run(alembic, cwd=PROJECT_DIR, env=env, check=True, capture_output=True)
     seed = [{"email": f"user{i}@example.com", "password": HASH} for i in range(ROWS)]
+    seed[1]["password"] = PasswordHash.recommended().hash(PASSWORD)
     insert = "INSERT INTO users (email, password, is_active) VALUES (:email, :password, true)"
     asyncio.run(execute(url, insert, seed))
     with socket.socket() as probe:
@@ -60,6 +63,9 @@ def serve(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
     for _ in range(150):
         try:
             if httpx.get(f"{base}/health").status_code == 200:
+                form = {"username": "user1@example.com", "password": PASSWORD}
+                token = httpx.post(f"{base}/auth/token", data=form).json()
+                AUTHORIZATION.append(f"Authorization: Bearer {token['access_token']}")
                 return server, base
         except httpx.TransportError:
             time.sleep(0.2)
@@ -99,12 +105,23 @@ async def load(
     return latencies, failures
 
 
+AUTHORIZATION: list[str] = []  # the header of user1's session, once logged in
+
+
+def get(path: str) -> str:
+    return f"GET {path} HTTP/1.1\r\nHost: bench\r\n{AUTHORIZATION[0]}\r\n\r\n"
+
+
+def read_me() -> str:
+    return get("/users/me")
+
+
 def get_user() -> str:
-    return f"GET /users/{random.randint(1, ROWS)} HTTP/1.1\r\nHost: bench\r\n\r\n"
+    return get(f"/users/{random.randint(1, ROWS)}")
 
 
 def list_users() -> str:
-    return "GET /users?limit=50 HTTP/1.1\r\nHost: bench\r\n\r\n"
+    return get("/users?limit=50")
 
 
 def create_user() -> str:
@@ -114,6 +131,7 @@ def create_user() -> str:
 
 
 SCENARIOS = {
+    "GET /users/me": read_me,
     "GET /users/{id}": get_user,
     "GET /users?limit=50": list_users,
     "POST /users": create_user,
