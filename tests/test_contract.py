@@ -371,3 +371,12 @@ def test_an_openapi_fuzzer_finds_no_undeclared_answer(
         )
         assert result.returncode == 0, result.stdout[-6000:]
         assert " 500 " not in server.log()
+
+
+def test_the_docs_authorize_button_logs_in_at_the_token_route() -> None:
+    # Swagger UI's password flow posts the form to tokenUrl, relative to /docs.
+    [scheme] = main.app.openapi()["components"]["securitySchemes"].values()
+    token_url = scheme["flows"]["password"]["tokenUrl"]
+    assert httpx.URL("http://host/docs").join(token_url).path == (
+        main.app.url_path_for("log_in")
+    )
