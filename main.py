@@ -27,6 +27,8 @@ from pydantic import (
     ConfigDict,
     EmailStr,
     Field,
+    TypeAdapter,
+    ValidationError,
     create_model,
     field_validator,
     model_validator,
@@ -73,6 +75,7 @@ MAX_ID = 2**31 - 1
 # Emails are compared lower-cased: Alice@Example.COM and alice@example.com are one account.
 Email = Annotated[EmailStr, AfterValidator(str.lower), Field(max_length=64)]
 Password = Annotated[str, Field(min_length=8, max_length=128)]
+email_address = TypeAdapter(Email)
 
 
 class UserCreate(BaseModel):
@@ -170,8 +173,11 @@ async def presented_digest(token: Annotated[str, Depends(bearer_token)]) -> str:
     return token_digest(token)
 
 
+PresentedDigest = Annotated[str, Depends(presented_digest)]
+
+
 async def current_user(
-    digest: Annotated[str, Depends(presented_digest)],
+    digest: PresentedDigest,
 ) -> dict[str, Any]:
     """The active user that the bearer token belongs to, in one query, or a 401."""
     users, tokens = Users.ormar_config.table, Tokens.ormar_config.table
@@ -332,9 +338,11 @@ async def log_in(
     form: Annotated[OAuth2PasswordRequestForm, Depends()], response: Response
 ) -> Token:
     """Log in with the email as `username`; answers a bearer token."""
-    email = form.username.lower()
-    # No email holds a NUL byte, and PostgreSQL refuses to compare text that does.
-    user = None if "\x00" in email else await Users.objects.get_or_none(email=email)
+    try:  # the same rules as at sign-up: what could not sign up is no account
+        email = email_address.validate_python(form.username)
+    except ValidationError:  # (and PostgreSQL refuses text with a NUL byte)
+        email = None
+    user = await Users.objects.get_or_none(email=email) if email else None
     stored_hash = user.password if user else DUMMY_HASH
     valid, new_hash = await in_hashing_thread(
         verify_password, form.password, stored_hash
@@ -362,7 +370,7 @@ async def log_in(
     responses=errors(401, 503),
     dependencies=[Depends(current_user)],
 )
-async def log_out(digest: Annotated[str, Depends(presented_digest)]) -> None:
+async def log_out(digest: PresentedDigest) -> None:
     """End this token's session at once."""
     await Tokens.objects.delete(digest=digest)
 
@@ -378,7 +386,7 @@ async def read_me(me: CurrentUser) -> dict[str, Any]:
 async def update_me(
     body: UserUpdate,
     me: CurrentUser,
-    digest: Annotated[str, Depends(presented_digest)],
+    digest: PresentedDigest,
 ) -> dict[str, Any]:
     """Change the email or the password; both need `current_password`."""
     changes = body.model_dump(exclude_unset=True, exclude={"current_password"})

@@ -44,8 +44,11 @@ async def execute(
     await engine.dispose()
 
 
-def serve(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
-    """Migrate the database, seed it, and start uvicorn on a free port."""
+def serve(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Migrate the database, seed it, start uvicorn on a free port, and log user1 in.
+
+    Returns the server, its base URL and user1's bearer token.
+    """
     env = {**os.environ, "DATABASE_URL": url}
     alembic = [sys.executable, "-m", "alembic", "upgrade", "head"]
     subprocess.run(alembic, cwd=PROJECT_DIR, env=env, check=True, capture_output=True)
@@ -65,8 +68,7 @@ def serve(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
             if httpx.get(f"{base}/health").status_code == 200:
                 form = {"username": "user1@example.com", "password": PASSWORD}
                 token = httpx.post(f"{base}/auth/token", data=form).json()
-                AUTHORIZATION.append(f"Authorization: Bearer {token['access_token']}")
-                return server, base
+                return server, base, token["access_token"]
         except httpx.TransportError:
             time.sleep(0.2)
     server.kill()
@@ -74,7 +76,11 @@ def serve(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
 
 
 async def load(
-    base: str, request: Callable[[], str], seconds: float, concurrency: int
+    base: str,
+    request: Callable[[str], str],
+    token: str,
+    seconds: float,
+    concurrency: int,
 ) -> tuple[list[float], int]:
     """Send requests made by `request` on `concurrency` keep-alive connections.
 
@@ -90,7 +96,7 @@ async def load(
         reader, writer = await asyncio.open_connection(host, int(port))
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            writer.write(request().encode())
+            writer.write(request(token).encode())
             status = int((await reader.readline()).split()[1])
             length = 0
             while (line := await reader.readline()) != b"\r\n":
@@ -105,26 +111,24 @@ async def load(
     return latencies, failures
 
 
-AUTHORIZATION: list[str] = []  # the header of user1's session, once logged in
+def get(path: str, token: str) -> str:
+    auth = f"Authorization: Bearer {token}"
+    return f"GET {path} HTTP/1.1\r\nHost: bench\r\n{auth}\r\n\r\n"
 
 
-def get(path: str) -> str:
-    return f"GET {path} HTTP/1.1\r\nHost: bench\r\n{AUTHORIZATION[0]}\r\n\r\n"
+def read_me(token: str) -> str:
+    return get("/users/me", token)
 
 
-def read_me() -> str:
-    return get("/users/me")
+def get_user(token: str) -> str:
+    return get(f"/users/{random.randint(1, ROWS)}", token)
 
 
-def get_user() -> str:
-    return get(f"/users/{random.randint(1, ROWS)}")
+def list_users(token: str) -> str:
+    return get("/users?limit=50", token)
 
 
-def list_users() -> str:
-    return get("/users?limit=50")
-
-
-def create_user() -> str:
+def create_user(_token: str) -> str:  # anyone may sign up
     body = f'{{"email": "{uuid.uuid4().hex}@example.com", "password": "bench-pass"}}'
     head = "POST /users HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
     return f"{head}Content-Length: {len(body)}\r\n\r\n{body}"
@@ -159,7 +163,7 @@ def main() -> None:
     else:
         url = f"sqlite+aiosqlite:///{directory.name}/bench.sqlite"
 
-    app, base = serve(url, options.workers)
+    app, base, token = serve(url, options.workers)
     try:
         print(
             f"{make_url(url).get_backend_name()}, {options.workers} worker(s), ", end=""
@@ -173,9 +177,9 @@ def main() -> None:
             f"{'':22}{'req/s':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'non-2xx':>9}"
         )
         for name, request in SCENARIOS.items():
-            asyncio.run(load(base, request, 1, options.concurrency))  # warm-up
+            asyncio.run(load(base, request, token, 1, options.concurrency))  # warm-up
             times, failures = asyncio.run(
-                load(base, request, options.seconds, options.concurrency)
+                load(base, request, token, options.seconds, options.concurrency)
             )
             q = (
                 statistics.quantiles(times, n=100)
