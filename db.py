@@ -55,6 +55,8 @@ if DATABASE_URL.startswith("sqlite"):
     if path and path != ":memory:" and not os.path.exists(path):
         with contextlib.suppress(OSError):  # then connecting reports the problem
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    # WAL (readers go on while one writer writes) is a setting of the file itself:
+    # migrations/env.py sets it when it migrates.
     engine_options: dict[str, Any] = {
         # Concurrent writers wait up to 5 s for SQLite's single write lock instead of
         # failing at once with "database is locked".
@@ -116,4 +118,5 @@ class Tokens(ormar.Model):
         index=True,
     )
     created_at: datetime = ormar.DateTime(timezone=True)
-    expires_at: datetime = ormar.DateTime(timezone=True)
+    # Indexed: every log-in deletes the expired sessions, everyone's.
+    expires_at: datetime = ormar.DateTime(timezone=True, index=True)

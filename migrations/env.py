@@ -5,7 +5,9 @@ from logging.config import fileConfig
 from typing import Any
 
 from alembic import context
+from alembic.autogenerate import rewriter
 from alembic.autogenerate.api import AutogenContext
+from alembic.operations import ops
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -34,11 +36,25 @@ def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> Any:
     return False  # render the item the default way
 
 
+writer = rewriter.Rewriter()
+
+
+@writer.rewrites(ops.AlterColumnOp)
+def leave_out_autoincrement(
+    context: Any, revision: Any, op: ops.AlterColumnOp
+) -> ops.AlterColumnOp:
+    # ormar marks each column autoincrement=False and autogenerate copies that into
+    # alter_column; only MySQL takes it (PostgreSQL warns).
+    op.kw.pop("autoincrement", None)
+    return op
+
+
 def configure(**options: Any) -> None:
     context.configure(
         target_metadata=target_metadata,
         compare_type=True,
         render_item=render_item,
+        process_revision_directives=writer,
         **options,
     )
 
@@ -53,6 +69,10 @@ def run_migrations_offline() -> None:
 
 
 def do_run_migrations(connection: Connection) -> None:
+    if connection.dialect.name == "sqlite" and not connection.in_transaction():
+        # WAL lets readers go on while one writer writes; it is stored in the file.
+        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+        connection.commit()
     # SQLite cannot ALTER most things in place: batch mode rebuilds the table instead.
     # Foreign keys stay off on this connection (SQLite's default; only the app's engine
     # turns them on): dropping the old table would otherwise delete every row that

@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import os
 import platform
-import random
 import socket
 import statistics
 import subprocess
@@ -120,14 +119,6 @@ def read_me(token: str) -> str:
     return get("/users/me", token)
 
 
-def get_user(token: str) -> str:
-    return get(f"/users/{random.randint(1, ROWS)}", token)
-
-
-def list_users(token: str) -> str:
-    return get("/users?limit=50", token)
-
-
 def create_user(_token: str) -> str:  # anyone may sign up
     body = f'{{"email": "{uuid.uuid4().hex}@example.com", "password": "bench-pass"}}'
     head = "POST /users HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
@@ -136,8 +127,6 @@ def create_user(_token: str) -> str:  # anyone may sign up
 
 SCENARIOS = {
     "GET /users/me": read_me,
-    "GET /users/{id}": get_user,
-    "GET /users?limit=50": list_users,
     "POST /users": create_user,
 }
 
