@@ -1,0 +1,57 @@
+"""Browser front ends: the origins in CORS_ORIGINS may call the API with a bearer token."""
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import PASSWORD, migrate, start_server
+
+pytestmark = pytest.mark.anyio
+
+FRONT_END = "https://app.example.com"
+
+
+def preflight(origin: str) -> dict[str, str]:
+    """What a browser sends before a cross-origin request with an Authorization header."""
+    return {
+        "Origin": origin,
+        "Access-Control-Request-Method": "PATCH",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+
+
+async def test_no_origin_is_allowed_by_default(client: httpx.AsyncClient) -> None:
+    response = await client.options("/users/me", headers=preflight(FRONT_END))
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_a_listed_origin_calls_the_api_with_a_bearer_token(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    migrate(empty_database_url)
+    origins = {"CORS_ORIGINS": f"{FRONT_END}, https://admin.example.com"}
+    with (
+        start_server(
+            empty_database_url, tmp_path / "server.log", env=origins
+        ) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        allowed = client.options("/users/me", headers=preflight(FRONT_END))
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == FRONT_END
+        assert "PATCH" in allowed.headers["access-control-allow-methods"]
+        assert "Authorization" in allowed.headers["access-control-allow-headers"]
+
+        other = client.options("/users/me", headers=preflight("https://evil.example"))
+        assert other.status_code == 400
+        assert "access-control-allow-origin" not in other.headers
+
+        body = {"email": "ann@example.com", "password": PASSWORD}
+        assert client.post("/users", json=body).status_code == 201
+        form = {"username": "ann@example.com", "password": PASSWORD}
+        token = client.post("/auth/token", data=form).json()["access_token"]
+        headers = {"Origin": FRONT_END, "Authorization": f"Bearer {token}"}
+        me = client.get("/users/me", headers=headers)
+        assert me.json()["email"] == "ann@example.com"
+        assert me.headers["access-control-allow-origin"] == FRONT_END
