@@ -113,9 +113,12 @@ def add_field(project: Path, line: str) -> None:
 
 
 def alembic(project: Path, database_url: str, *args: str) -> str:
-    """Run the alembic command line in `project`; return what it printed."""
+    """Run the alembic command line in `project`; return what it printed.
+
+    Warnings are errors, as in the test suite that runs the same migrations.
+    """
     result = subprocess.run(
-        [sys.executable, "-m", "alembic", *args],
+        [sys.executable, "-W", "error", "-m", "alembic", *args],
         cwd=project,
         env={**os.environ, "DATABASE_URL": database_url},
         capture_output=True,
@@ -148,6 +151,50 @@ def test_adding_a_field_autogenerates_a_revision_that_upgrades_and_downgrades(
 
     alembic(project, empty_database_url, "downgrade", "-1")
     assert users_table(engine) == before
+
+
+def replace(path: Path, old: str, new: str) -> None:
+    assert old in path.read_text(), (path, old)
+    path.write_text(path.read_text().replace(old, new, 1))
+
+
+def test_altered_columns_autogenerate_a_revision_that_runs_on_either_database(
+    tmp_path: Path, empty_database_url: str
+) -> None:
+    project = copy_project(tmp_path)
+    alembic(project, empty_database_url, "upgrade", "head")
+    db = project / "db.py"
+    replace(
+        db,
+        "ormar.String(max_length=64, unique=True)",
+        "ormar.String(max_length=96, unique=True)",
+    )
+    replace(
+        db, "ormar.Boolean(default=True)", "ormar.Boolean(default=True, nullable=False)"
+    )
+    replace(
+        db,
+        "created_at: datetime = ormar.DateTime(timezone=True)",
+        "created_at: datetime = ormar.DateTime(timezone=True, index=True)",
+    )
+
+    output = alembic(
+        project, empty_database_url, "revision", "--autogenerate", "-m", PROBE
+    )
+    assert "Detected type change" in output and "Detected NOT NULL" in output
+    assert "Detected added index 'ix_tokens_created_at'" in output
+    [revision] = (project / "migrations" / "versions").glob(f"*_{PROBE}.py")
+    # ormar marks columns autoincrement=False, which only MySQL takes (PostgreSQL warns).
+    assert "autoincrement" not in revision.read_text()
+
+    alembic(project, empty_database_url, "upgrade", "head")
+    assert users_table(
+        create_async_engine(empty_database_url, poolclass=sqlalchemy.NullPool)
+    )["columns"]["email"] == ("VARCHAR(96)", False)
+    assert "No new upgrade operations detected" in alembic(
+        project, empty_database_url, "check"
+    )
+    alembic(project, empty_database_url, "downgrade", "-1")
 
 
 def test_revisions_with_ormar_column_types_run_as_written(
