@@ -1,0 +1,151 @@
+"""Requests that race: each write that follows a password check holds only if the
+account is still what was checked. Every race is run many times in one test.
+
+A request's window is the password hash (~0.1 s) between reading the account and
+writing: `hold` keeps a request in it, right after its password check, until the test
+has done what the other request does, so that each try meets the race.
+"""
+
+import secrets
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+import pytest
+import sqlalchemy
+from anyio.abc import TaskGroup
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import main
+from conftest import PASSWORD, migrate, sign_up, start_server
+from db import Tokens, Users
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = main.app.url_path_for("log_in")
+ME = main.app.url_path_for("read_me")
+USERS = main.app.url_path_for("create_user")
+# One hash for every account the tests create directly: hashing is slow on purpose.
+STORED_HASH = main.password_hash.hash(PASSWORD)
+T = TypeVar("T")
+
+
+@dataclass
+class Held:
+    """A request running in the background that stops after its password check."""
+
+    reached: anyio.Event = field(default_factory=anyio.Event)
+    released: anyio.Event = field(default_factory=anyio.Event)
+    response: httpx.Response | None = None
+
+    def status(self) -> int:
+        assert self.response is not None
+        return self.response.status_code
+
+
+# The Held of the request that the current task sends, if it is to be held.
+HOLDING: ContextVar[Held | None] = ContextVar("HOLDING", default=None)
+
+
+@pytest.fixture
+def holdable(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Let `hold` stop requests right after they verify a password."""
+    original = main.in_hashing_thread
+
+    async def in_hashing_thread(function: Callable[..., T], *args: str) -> T:
+        result = await original(function, *args)
+        held = HOLDING.get()
+        if held is not None and function is main.verify_password:
+            held.reached.set()
+            await held.released.wait()
+        return result
+
+    monkeypatch.setattr(main, "in_hashing_thread", in_hashing_thread)
+    yield
+
+
+def hold(
+    tasks: TaskGroup, client: httpx.AsyncClient, method: str, url: str, **options: Any
+) -> Held:
+    """Send a request in the background; it waits after its password check."""
+    held = Held()
+
+    async def send() -> None:
+        HOLDING.set(held)  # this task's context only: other requests run freely
+        held.response = await client.request(method, url, **options)
+
+    tasks.start_soon(send)
+    return held
+
+
+async def reached(*requests: Held) -> None:
+    with anyio.fail_after(10):
+        for request in requests:
+            await request.reached.wait()
+
+
+async def account(email: str) -> Users:
+    """An account with PASSWORD, created directly (one hash saved per account)."""
+    return await Users.objects.create(email=email, password=STORED_HASH)
+
+
+async def session(user_id: int) -> dict[str, str]:
+    """Headers of a new session of the account, as a log-in would start it."""
+    token = secrets.token_urlsafe(32)
+    verified = (await Users.objects.get(id=user_id)).password
+    assert await main.start_session(user_id, verified, main.token_digest(token))
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def sessions() -> set[tuple[str, int]]:
+    """Every stored session: its token's digest and its account's id."""
+    return {(token.digest, token.user.id) for token in await Tokens.objects.all()}
+
+
+def stored(headers: dict[str, str], user_id: int) -> tuple[str, int]:
+    token = headers["Authorization"].removeprefix("Bearer ")
+    return main.token_digest(token), user_id
+
+
+def issued(response: httpx.Response) -> dict[str, str]:
+    """The headers of the token a log-in answered with."""
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+def form(email: str, password: str = PASSWORD) -> dict[str, str]:
+    return {"username": email, "password": password}
+
+
+def delete_me(
+    client: httpx.AsyncClient, headers: dict[str, str]
+) -> Awaitable[httpx.Response]:
+    body = {"current_password": PASSWORD}
+    return client.request("DELETE", ME, json=body, headers=headers)
+
+
+async def test_a_log_in_whose_account_is_deleted_meanwhile_starts_no_session(
+    client: httpx.AsyncClient, holdable: None
+) -> None:
+    for i in range(8):
+        ann = await account(f"ann{i}@example.com")
+        ann_session = await session(ann.id)
+        async with anyio.create_task_group() as tasks:
+            stale = hold(tasks, client, "POST", TOKEN, data=form(ann.email))
+            await reached(stale)
+            if i % 2:  # the log-in goes on while the deletion runs
+                stale.released.set()
+            assert (await delete_me(client, ann_session)).status_code == 204
+            # On SQLite without AUTOINCREMENT, Bob would get Ann's id back.
+            bob = await account(f"bob{i}@example.com")
+            bob_session = await session(bob.id)
+            stale.released.set()
+
+        assert stale.status() in ({200, 401} if i % 2 else {401})
+        if stale.status() == 200:  # it came first: the deletion ended its session
+            assert (await client.get(ME, headers=issued(stale.response))).status_code == 401
+        assert await sessions() == {stored(bob_session, bob.id)}
+        await Users.objects.delete(each=True)
