@@ -29,8 +29,9 @@ pytestmark = pytest.mark.anyio
 TOKEN = main.app.url_path_for("log_in")
 ME = main.app.url_path_for("read_me")
 USERS = main.app.url_path_for("create_user")
-# One hash for every account the tests create directly: hashing is slow on purpose.
-STORED_HASH = main.password_hash.hash(PASSWORD)
+# Hashes of PASSWORD for the accounts the tests create directly (hashing is slow on
+# purpose). Sign-up salts each hash: an account created after another gets the other.
+STORED_HASH, NEXT_ACCOUNTS_HASH = (main.password_hash.hash(PASSWORD) for _ in "ab")
 T = TypeVar("T")
 
 
@@ -88,9 +89,9 @@ async def reached(*requests: Held) -> None:
             await request.reached.wait()
 
 
-async def account(email: str) -> Users:
+async def account(email: str, stored_hash: str = STORED_HASH) -> Users:
     """An account with PASSWORD, created directly (one hash saved per account)."""
-    return await Users.objects.create(email=email, password=STORED_HASH)
+    return await Users.objects.create(email=email, password=stored_hash)
 
 
 async def session(user_id: int) -> dict[str, str]:
@@ -140,12 +141,115 @@ async def test_a_log_in_whose_account_is_deleted_meanwhile_starts_no_session(
                 stale.released.set()
             assert (await delete_me(client, ann_session)).status_code == 204
             # On SQLite without AUTOINCREMENT, Bob would get Ann's id back.
-            bob = await account(f"bob{i}@example.com")
+            bob = await account(f"bob{i}@example.com", NEXT_ACCOUNTS_HASH)
             bob_session = await session(bob.id)
             stale.released.set()
 
         assert stale.status() in ({200, 401} if i % 2 else {401})
         if stale.status() == 200:  # it came first: the deletion ended its session
-            assert (await client.get(ME, headers=issued(stale.response))).status_code == 401
+            assert (
+                await client.get(ME, headers=issued(stale.response))
+            ).status_code == 401
         assert await sessions() == {stored(bob_session, bob.id)}
         await Users.objects.delete(each=True)
+
+
+async def test_a_change_whose_account_is_deleted_meanwhile_gets_401(
+    client: httpx.AsyncClient, holdable: None
+) -> None:
+    for i in range(8):
+        ann = await account(f"ann{i}@example.com")
+        ann_sessions = [await session(ann.id), await session(ann.id)]
+        # Even tries change the email, odd ones the password (which ends sessions).
+        change = (
+            {"email": f"new{i}@example.com"} if i % 2 == 0 else {"password": "p" * 9}
+        )
+        body = {**change, "current_password": PASSWORD}
+        async with anyio.create_task_group() as tasks:
+            stale = hold(tasks, client, "PATCH", ME, json=body, headers=ann_sessions[0])
+            await reached(stale)
+            assert (await delete_me(client, ann_sessions[1])).status_code == 204
+            # Ann's id again on SQLite without AUTOINCREMENT.
+            bob = await account(f"bob{i}@example.com", NEXT_ACCOUNTS_HASH)
+            bob_session = await session(bob.id)
+            stale.released.set()
+
+        assert stale.status() == 401
+        assert await Users.objects.get(id=bob.id) == bob  # untouched
+        assert (await Users.objects.get(id=bob.id)).password == bob.password
+        assert (await client.get(ME, headers=bob_session)).json()["email"] == bob.email
+        await Users.objects.delete(each=True)
+
+
+async def test_a_log_in_that_checked_the_old_password_starts_no_session(
+    client: httpx.AsyncClient, holdable: None
+) -> None:
+    for i in range(8):
+        ann = await account(f"ann{i}@example.com")
+        changer = await session(ann.id)
+        body = {"password": "n" * 9, "current_password": PASSWORD}
+        async with anyio.create_task_group() as tasks:
+            stale = hold(tasks, client, "POST", TOKEN, data=form(ann.email))
+            await reached(stale)
+            if i % 2:  # the log-in goes on while the change runs
+                stale.released.set()
+            assert (
+                await client.patch(ME, json=body, headers=changer)
+            ).status_code == 200
+            stale.released.set()
+
+        assert stale.status() in ({200, 401} if i % 2 else {401})
+        if stale.status() == 200:  # it came first: the change ended its session
+            assert (
+                await client.get(ME, headers=issued(stale.response))
+            ).status_code == 401
+        # Only the session that changed the password is left.
+        assert await sessions() == {stored(changer, ann.id)}
+        await Users.objects.delete(each=True)
+
+
+async def test_of_two_password_changes_at_once_one_wins_the_other_gets_409(
+    client: httpx.AsyncClient, holdable: None
+) -> None:
+    for i in range(5):
+        ann = await account(f"ann{i}@example.com")
+        headers = [await session(ann.id), await session(ann.id)]
+        passwords = [f"first-{i}-pass", f"second-{i}-pass"]
+        async with anyio.create_task_group() as tasks:
+            changes = [
+                hold(
+                    tasks,
+                    client,
+                    "PATCH",
+                    ME,
+                    json={"password": password, "current_password": PASSWORD},
+                    headers=session_headers,
+                )
+                for password, session_headers in zip(passwords, headers, strict=True)
+            ]
+            await reached(*changes)  # both checked the same current password
+            for change in changes:
+                change.released.set()
+
+        # The loser's session was still valid when it was checked: a 409, not a 401.
+        statuses = [change.status() for change in changes]
+        assert sorted(statuses) == [200, 409]
+        winner, loser = (0, 1) if statuses[0] == 200 else (1, 0)
+        assert (await client.get(ME, headers=headers[winner])).status_code == 200
+        assert (await client.get(ME, headers=headers[loser])).status_code == 401
+        assert (
+            await client.post(TOKEN, data=form(ann.email, passwords[winner]))
+        ).status_code == 200
+        assert (
+            await client.post(TOKEN, data=form(ann.email, passwords[loser]))
+        ).status_code == 401
+        await Users.objects.delete(each=True)
+
+
+async def test_a_new_account_never_gets_a_deleted_ones_id(
+    client: httpx.AsyncClient,
+) -> None:
+    ann = await sign_up(client, "ann@example.com")
+    newest = await sign_up(client, "bob@example.com")
+    await Users.objects.delete(id=newest["id"])
+    assert (await sign_up(client, "cat@example.com"))["id"] > newest["id"] > ann["id"]
