@@ -253,3 +253,111 @@ async def test_a_new_account_never_gets_a_deleted_ones_id(
     newest = await sign_up(client, "bob@example.com")
     await Users.objects.delete(id=newest["id"])
     assert (await sign_up(client, "cat@example.com"))["id"] > newest["id"] > ann["id"]
+
+
+@pytest.fixture
+def server_url(empty_database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A uvicorn process with one hashing thread: hashes are checked in arrival order."""
+    migrate(empty_database_url)
+    threads = {"PASSWORD_HASHING_THREADS": "1"}
+    with start_server(
+        empty_database_url, tmp_path / "server.log", env=threads
+    ) as server:
+        yield server.url
+        assert "Traceback" not in server.log()
+
+
+async def test_log_ins_racing_their_accounts_deletion_never_get_a_500(
+    server_url: str,
+) -> None:
+    emails = [f"user{i}@example.com" for i in range(6)]
+    async with httpx.AsyncClient(base_url=server_url, timeout=60) as client:
+        async with anyio.create_task_group() as tasks:
+            for email in emails:
+                tasks.start_soon(sign_up, client, email)
+        headers = {email: await session_of(client, email) for email in emails}
+        deletions: list[httpx.Response] = []
+        log_ins: list[httpx.Response] = []
+
+        async def send(
+            answers: list[httpx.Response], request: Awaitable[httpx.Response]
+        ) -> None:
+            answers.append(await request)
+
+        # Each log-in reads its account while the deletions wait for the hashing
+        # thread, and checks its password after all of them: the account is gone.
+        async with anyio.create_task_group() as tasks:
+            for email in emails:
+                tasks.start_soon(send, deletions, delete_me(client, headers[email]))
+            for email in emails:
+                tasks.start_soon(send, log_ins, client.post(TOKEN, data=form(email)))
+
+        assert [response.status_code for response in deletions] == [204] * 6
+        assert {response.status_code for response in log_ins} <= {200, 401}
+        for response in log_ins:  # a log-in that came first lost its session
+            if response.status_code == 200:
+                assert (
+                    await client.get(ME, headers=issued(response))
+                ).status_code == 401
+
+
+async def session_of(client: httpx.AsyncClient, email: str) -> dict[str, str]:
+    response = await client.post(TOKEN, data=form(email))
+    assert response.status_code == 200, response.text
+    return issued(response)
+
+
+async def test_past_the_session_bound_a_log_in_ends_the_oldest_session(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(main, "SESSIONS_PER_USER", 3)
+    await account("ann@example.com")
+    bob = await session((await account("bob@example.com", NEXT_ACCOUNTS_HASH)).id)
+    anns = [await session_of(client, "ann@example.com") for _ in range(4)]
+    statuses = [(await client.get(ME, headers=headers)).status_code for headers in anns]
+    assert statuses == [401, 200, 200, 200]
+    assert (await client.get(ME, headers=bob)).status_code == 200  # not Ann's
+
+
+SECRET = "SECRET-not-echoed"
+BAD_EMAILS = [
+    f"a@[IPv6:fe80::zzzz:{SECRET}]",
+    f"{SECRET}@[1.2.3.999]",
+    f"a@xn--{SECRET}-.example.com",  # not valid punycode (an IDNA label)
+    f"a@ab--{SECRET}.example.com",  # "--" in the 3rd and 4th places: not IDNA
+    f"{SECRET}",
+]
+FIELDS = {"body", "email", "password", "current_password", "username"}
+
+
+async def test_no_422_quotes_what_the_client_sent(client: httpx.AsyncClient) -> None:
+    ann = await account("ann@example.com")
+    headers = await session(ann.id)
+    requests = [client.post(TOKEN, data={"username": email}) for email in BAD_EMAILS]
+    requests.append(client.patch(ME, json={"email": 123}, headers=headers))
+    for email in BAD_EMAILS:
+        requests += [
+            client.post(USERS, json={"email": email, "password": PASSWORD}),
+            client.patch(
+                ME, json={"email": email, "current_password": PASSWORD}, headers=headers
+            ),
+            client.post(USERS, json={"email": "b@example.com", "password": email[:7]}),
+            client.patch(
+                ME,
+                json={"password": SECRET * 9, "current_password": PASSWORD},
+                headers=headers,
+            ),
+        ]
+    messages: dict[str, set[str]] = {}
+    for request in requests:
+        response = await request
+        assert response.status_code == 422
+        assert SECRET not in response.text
+        for error in response.json()["detail"]:
+            assert set(error["loc"]) <= FIELDS, error["loc"]
+            messages.setdefault(error["type"], set()).add(error["msg"])
+    # Each kind of error has one message, whatever the value was.
+    assert {kind: len(texts) for kind, texts in messages.items()} == dict.fromkeys(
+        messages, 1
+    )
+    assert await Users.objects.get(id=ann.id) == ann
