@@ -18,11 +18,11 @@ import httpx
 import pytest
 import sqlalchemy
 from anyio.abc import TaskGroup
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import main
-from conftest import PASSWORD, migrate, sign_up, start_server
-from db import Tokens, Users
+from conftest import PASSWORD, TEST_DATABASE_URL, migrate, sign_up, start_server
+from db import Tokens, Users, database
 
 pytestmark = pytest.mark.anyio
 
@@ -43,13 +43,18 @@ class Held:
     released: anyio.Event = field(default_factory=anyio.Event)
     response: httpx.Response | None = None
 
-    def status(self) -> int:
+    def answer(self) -> httpx.Response:
         assert self.response is not None
-        return self.response.status_code
+        return self.response
+
+    def status(self) -> int:
+        return self.answer().status_code
 
 
-# The Held of the request that the current task sends, if it is to be held.
+# The Held of the request that the current task sends, if it is to be held after its
+# password check, or before it commits its transaction.
 HOLDING: ContextVar[Held | None] = ContextVar("HOLDING", default=None)
+HOLDING_COMMIT: ContextVar[Held | None] = ContextVar("HOLDING_COMMIT", default=None)
 
 
 @pytest.fixture
@@ -69,14 +74,46 @@ def holdable(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+class CommitHeld:
+    """A transaction that waits, its writes done, before it commits."""
+
+    def __init__(self, transaction: Any, held: Held) -> None:
+        self.transaction, self.held = transaction, held
+
+    async def __aenter__(self) -> Any:
+        return await self.transaction.__aenter__()
+
+    async def __aexit__(self, *exception: Any) -> Any:
+        self.held.reached.set()
+        await self.held.released.wait()
+        return await self.transaction.__aexit__(*exception)
+
+
+class CommitHoldingDatabase:
+    """main's `database`, whose transactions wait before committing in held requests."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(database, name)
+
+    def transaction(self) -> Any:
+        held = HOLDING_COMMIT.get()
+        transaction = database.transaction()
+        return transaction if held is None else CommitHeld(transaction, held)
+
+
 def hold(
-    tasks: TaskGroup, client: httpx.AsyncClient, method: str, url: str, **options: Any
+    tasks: TaskGroup,
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    holding: ContextVar[Held | None] = HOLDING,
+    **options: Any,
 ) -> Held:
     """Send a request in the background; it waits after its password check."""
     held = Held()
 
     async def send() -> None:
-        HOLDING.set(held)  # this task's context only: other requests run freely
+        holding.set(held)  # this task's context only: other requests run freely
         held.response = await client.request(method, url, **options)
 
     tasks.start_soon(send)
@@ -148,7 +185,7 @@ async def test_a_log_in_whose_account_is_deleted_meanwhile_starts_no_session(
         assert stale.status() in ({200, 401} if i % 2 else {401})
         if stale.status() == 200:  # it came first: the deletion ended its session
             assert (
-                await client.get(ME, headers=issued(stale.response))
+                await client.get(ME, headers=issued(stale.answer()))
             ).status_code == 401
         assert await sessions() == {stored(bob_session, bob.id)}
         await Users.objects.delete(each=True)
@@ -201,11 +238,51 @@ async def test_a_log_in_that_checked_the_old_password_starts_no_session(
         assert stale.status() in ({200, 401} if i % 2 else {401})
         if stale.status() == 200:  # it came first: the change ended its session
             assert (
-                await client.get(ME, headers=issued(stale.response))
+                await client.get(ME, headers=issued(stale.answer()))
             ).status_code == 401
         # Only the session that changed the password is left.
         assert await sessions() == {stored(changer, ann.id)}
         await Users.objects.delete(each=True)
+
+
+async def waiting_for_a_lock(engine: AsyncEngine) -> bool:
+    async with engine.connect() as connection:
+        query = "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        return bool(await connection.scalar(sqlalchemy.text(query)))
+
+
+@pytest.mark.skipif(
+    TEST_DATABASE_URL.startswith("sqlite"),
+    reason="SQLite has one writer at a time: no log-in writes during another's",
+)
+async def test_a_log_in_during_a_password_changes_commit_starts_no_session(
+    client: httpx.AsyncClient, holdable: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The change has written the new hash and ended the other sessions, and not yet
+    # committed: a log-in that checked the old password must wait for the commit.
+    monkeypatch.setattr(main, "database", CommitHoldingDatabase())
+    engine = create_async_engine(TEST_DATABASE_URL, poolclass=sqlalchemy.NullPool)
+    body = {"password": "n" * 9, "current_password": PASSWORD}
+    for i in range(8):
+        ann = await account(f"ann{i}@example.com")
+        changer = await session(ann.id)
+        async with anyio.create_task_group() as tasks:
+            stale = hold(tasks, client, "POST", TOKEN, data=form(ann.email))
+            await reached(stale)
+            change = hold(
+                tasks, client, "PATCH", ME, HOLDING_COMMIT, json=body, headers=changer
+            )
+            await reached(change)
+            stale.released.set()
+            with anyio.fail_after(10):  # it finishes, or waits for the change's lock
+                while stale.response is None and not await waiting_for_a_lock(engine):
+                    await anyio.sleep(0.01)
+            change.released.set()
+
+        assert (change.status(), stale.status()) == (200, 401)
+        assert await sessions() == {stored(changer, ann.id)}
+        await Users.objects.delete(each=True)
+    await engine.dispose()
 
 
 async def test_of_two_password_changes_at_once_one_wins_the_other_gets_409(
