@@ -103,6 +103,12 @@ class Users(ormar.Model):
     is_active: bool = ormar.Boolean(default=True)
 
 
+# SQLite hands a new row the highest id + 1, so without AUTOINCREMENT a new account
+# would get the id of the newest one deleted (and whatever still refers to it).
+# OrmarConfig takes no table options; migrations/env.py keeps it through rebuilds.
+Users.ormar_config.table.dialect_options["sqlite"]["autoincrement"] = True
+
+
 class Tokens(ormar.Model):
     """A log-in session: the SHA-256 digest of a bearer token, never the token itself."""
 

@@ -1,6 +1,8 @@
 """Alembic's migration environment (the `alembic init -t async` template, adapted)."""
 
 import asyncio
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from logging.config import fileConfig
 from typing import Any
 
@@ -8,8 +10,8 @@ from alembic import context
 from alembic.autogenerate import rewriter
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import ops
-from sqlalchemy import pool
-from sqlalchemy.engine import Connection
+from sqlalchemy import Table, event, pool
+from sqlalchemy.engine import Connection, Inspector
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 # Models kept in other modules must be imported here, so that autogenerate sees
@@ -68,6 +70,49 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+@contextmanager
+def sqlite_autoincrement_kept() -> Iterator[None]:
+    """Keep a table's AUTOINCREMENT, and its counter, through batch mode's rebuilds.
+
+    SQLAlchemy does not read AUTOINCREMENT back when it reflects a SQLite table, so a
+    rebuild (an altered column of `users`, say) would drop it; and the copy's counter
+    would start at the highest id left, handing out a deleted account's id again.
+    """
+
+    def reflected(inspector: Inspector, table: Table, column: Any) -> None:
+        options, bind = table.dialect_options["sqlite"], inspector.bind
+        if options["autoincrement"] or bind.dialect.name != "sqlite":
+            return
+        assert isinstance(bind, Connection)  # alembic reflects on its connection
+        created_as = bind.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+            (table.name,),
+        ).scalar()
+        options["autoincrement"] = "AUTOINCREMENT" in (created_as or "").upper()
+
+    def created(table: Table, connection: Connection, **kw: Any) -> None:
+        # Batch mode copies `t` into `_alembic_tmp_t`, drops `t`, renames the copy.
+        original = table.name.removeprefix("_alembic_tmp_")
+        if original != table.name and table.dialect_options["sqlite"]["autoincrement"]:
+            connection.exec_driver_sql(
+                "INSERT INTO sqlite_sequence (name, seq)"
+                " SELECT ?, seq FROM sqlite_sequence WHERE name = ?",
+                (table.name, original),
+            )
+
+    listeners: list[tuple[str, Callable[..., None]]] = [
+        ("column_reflect", reflected),
+        ("after_create", created),
+    ]
+    for name, listener in listeners:
+        event.listen(Table, name, listener)
+    try:
+        yield
+    finally:
+        for name, listener in listeners:
+            event.remove(Table, name, listener)
+
+
 def do_run_migrations(connection: Connection) -> None:
     if connection.dialect.name == "sqlite" and not connection.in_transaction():
         # WAL lets readers go on while one writer writes; it is stored in the file.
@@ -80,7 +125,7 @@ def do_run_migrations(connection: Connection) -> None:
     configure(
         connection=connection, render_as_batch=connection.dialect.name == "sqlite"
     )
-    with context.begin_transaction():
+    with context.begin_transaction(), sqlite_autoincrement_kept():
         context.run_migrations()
 
 
