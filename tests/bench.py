@@ -1,10 +1,11 @@
 """Benchmark: serve the app on a database of its own and load it over loopback.
 
     pipenv run bench [--seconds 10] [--concurrency 32] [--workers 1]
-    pipenv run bench --compare [--rounds 5] [--seconds 5]
+    pipenv run bench --compare [--rounds 5] (and the options above)
 
 --compare serves, on the same database, the template and the reference apps of
-tests/reference_apps.py, and loads them in turn (A B C A B C ...), one per round.
+tests/reference_apps.py, and loads each in turn, round after round (A B C A B C ...),
+so that a busy moment of the machine falls on all of them.
 
 A new SQLite file by default; BENCH_DATABASE_URL=postgresql+asyncpg://... makes a
 throwaway database on that server instead. Never the database DATABASE_URL names.
