@@ -1,6 +1,11 @@
 """Benchmark: serve the app on a database of its own and load it over loopback.
 
     pipenv run bench [--seconds 10] [--concurrency 32] [--workers 1]
+    pipenv run bench --compare [--rounds 5] (and the options above)
+
+--compare serves, on the same database, the template and the reference apps of
+tests/reference_apps.py, and loads each in turn, round after round (A B C A B C ...),
+so that a busy moment of the machine falls on all of them.
 
 A new SQLite file by default; BENCH_DATABASE_URL=postgresql+asyncpg://... makes a
 throwaway database on that server instead. Never the database DATABASE_URL names.
@@ -43,11 +48,8 @@ async def execute(
     await engine.dispose()
 
 
-def serve(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str, str]:
-    """Migrate the database, seed it, start uvicorn on a free port, and log user1 in.
-
-    Returns the server, its base URL and user1's bearer token.
-    """
+def prepare(url: str) -> None:
+    """Migrate the database and seed it: user1 (id 2) can log in, user499 has id 500."""
     env = {**os.environ, "DATABASE_URL": url}
     alembic = [sys.executable, "-m", "alembic", "upgrade", "head"]
     subprocess.run(alembic, cwd=PROJECT_DIR, env=env, check=True, capture_output=True)
@@ -55,23 +57,32 @@ def serve(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str, str]:
     seed[1]["password"] = PasswordHash.recommended().hash(PASSWORD)
     insert = "INSERT INTO users (email, password, is_active) VALUES (:email, :password, true)"
     asyncio.run(execute(url, insert, seed))
+
+
+def serve(app: str, url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+    """Start uvicorn on a free port with `app` ("module:attribute"); its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)]
+    command = [sys.executable, "-m", "uvicorn", app, "--port", str(port)]
     command += ["--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+    env = {**os.environ, "DATABASE_URL": url}
     server = subprocess.Popen(command, cwd=PROJECT_DIR, env=env)
     base = f"http://127.0.0.1:{port}"
     for _ in range(150):
         try:
-            if httpx.get(f"{base}/health").status_code == 200:
-                form = {"username": "user1@example.com", "password": PASSWORD}
-                token = httpx.post(f"{base}/auth/token", data=form).json()
-                return server, base, token["access_token"]
+            if httpx.get(f"{base}/openapi.json").status_code == 200:
+                return server, base
         except httpx.TransportError:
             time.sleep(0.2)
     server.kill()
-    raise SystemExit("the app did not start")
+    raise SystemExit(f"{app} did not start")
+
+
+def log_in(base: str) -> str:
+    """user1's bearer token."""
+    form = {"username": "user1@example.com", "password": PASSWORD}
+    return str(httpx.post(f"{base}/auth/token", data=form).json()["access_token"])
 
 
 async def load(
@@ -125,10 +136,61 @@ def create_user(_token: str) -> str:  # anyone may sign up
     return f"{head}Content-Length: {len(body)}\r\n\r\n{body}"
 
 
+def read_user_500(token: str) -> str:  # the reference apps ignore the token
+    return get("/users/500", token)
+
+
 SCENARIOS = {
     "GET /users/me": read_me,
     "POST /users": create_user,
 }
+# --compare: the template's logged-in read against anonymous reads of one user by id.
+COMPARED = {
+    "template, GET /users/me": ("main:app", read_me),
+    "bare ormar, GET /users/500": ("tests.reference_apps:ormar_app", read_user_500),
+    "SQLAlchemy, GET /users/500": (
+        "tests.reference_apps:sqlalchemy_app",
+        read_user_500,
+    ),
+}
+BASELINE = "bare ormar, GET /users/500"
+
+
+def table(base: str, token: str, seconds: float, concurrency: int) -> None:
+    """The template's scenarios, one row each."""
+    print(f"{'':22}{'req/s':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
+    for name, request in SCENARIOS.items():
+        asyncio.run(load(base, request, token, 1, concurrency))  # warm-up
+        times, failures = asyncio.run(load(base, request, token, seconds, concurrency))
+        q = statistics.quantiles(times, n=100) if len(times) > 1 else [times[0]] * 99
+        row = f"{name:22}{len(times) / seconds:8.0f}"
+        row += "".join(f"{q[p - 1] * 1000:9.1f}" for p in (50, 90, 99))
+        print(f"{row}{failures:9}")
+
+
+def compare(
+    bases: dict[str, str], token: str, seconds: float, concurrency: int, rounds: int
+) -> None:
+    """Each app in turn, `rounds` times; median req/s and its ratio to BASELINE's."""
+    rates: dict[str, list[float]] = {name: [] for name in COMPARED}
+    failures = dict.fromkeys(COMPARED, 0)
+    for name, (_, request) in COMPARED.items():  # warm-up
+        asyncio.run(load(bases[name], request, token, 1, concurrency))
+    for _ in range(rounds):
+        for name, (_, request) in COMPARED.items():
+            times, failed = asyncio.run(
+                load(bases[name], request, token, seconds, concurrency)
+            )
+            rates[name].append(len(times) / seconds)
+            failures[name] += failed
+    baseline = statistics.median(rates[BASELINE])
+    print(f"{'':28}{'median':>7}{'ratio':>7}{'non-2xx':>8}  req/s per round")
+    for name, rate in rates.items():
+        median = statistics.median(rate)
+        rounds_text = " ".join(f"{r:.0f}" for r in rate)
+        print(
+            f"{name:28}{median:7.0f}{median / baseline:7.2f}{failures[name]:8}  {rounds_text}"
+        )
 
 
 def main() -> None:
@@ -136,6 +198,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--compare", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
     options = parser.parse_args()
 
     server_url = os.environ.get("BENCH_DATABASE_URL")
@@ -152,35 +216,32 @@ def main() -> None:
     else:
         url = f"sqlite+aiosqlite:///{directory.name}/bench.sqlite"
 
-    app, base, token = serve(url, options.workers)
+    apps = {name: app for name, (app, _) in COMPARED.items()}
+    if not options.compare:
+        apps = {"template": "main:app"}
+    servers: list[subprocess.Popen[bytes]] = []
     try:
+        prepare(url)
+        bases: dict[str, str] = {}
+        for name, app in apps.items():
+            process, bases[name] = serve(app, url, options.workers)
+            servers.append(process)
+        token = log_in(next(iter(bases.values())))  # the template's
         print(
             f"{make_url(url).get_backend_name()}, {options.workers} worker(s), ", end=""
         )
-        print(
-            f"{options.concurrency} connections, {options.seconds:g} s per row; ",
-            end="",
-        )
-        print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs")
-        print(
-            f"{'':22}{'req/s':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'non-2xx':>9}"
-        )
-        for name, request in SCENARIOS.items():
-            asyncio.run(load(base, request, token, 1, options.concurrency))  # warm-up
-            times, failures = asyncio.run(
-                load(base, request, token, options.seconds, options.concurrency)
-            )
-            q = (
-                statistics.quantiles(times, n=100)
-                if len(times) > 1
-                else [times[0]] * 99
-            )
-            row = f"{name:22}{len(times) / options.seconds:8.0f}"
-            row += "".join(f"{q[p - 1] * 1000:9.1f}" for p in (50, 90, 99))
-            print(f"{row}{failures:9}")
+        print(f"{options.concurrency} connections, {options.seconds:g} s per ", end="")
+        print("round" if options.compare else "row", end="")
+        print(f"; Python {platform.python_version()}, {os.cpu_count()} CPUs")
+        if options.compare:
+            print(f"{options.rounds} rounds")
+            compare(bases, token, options.seconds, options.concurrency, options.rounds)
+        else:
+            table(bases["template"], token, options.seconds, options.concurrency)
     finally:
-        app.terminate()
-        app.wait(timeout=30)
+        for process in servers:
+            process.terminate()
+            process.wait(timeout=30)
         if server_url:
             asyncio.run(execute(server, f'DROP DATABASE "{database}" WITH (FORCE)'))
 
