@@ -61,7 +61,8 @@ if DATABASE_URL.startswith("sqlite"):
         # Concurrent writers wait up to 5 s for SQLite's single write lock instead of
         # failing at once with "database is locked".
         "connect_args": {"timeout": 5},
-        # Saves a per-query isolation-level switch; ormar's transactions still send BEGIN.
+        # A lone read or write needs no BEGIN and COMMIT; ormar's transactions still
+        # send BEGIN (a test checks that they roll back).
         "isolation_level": "AUTOCOMMIT",
     }
 else:
