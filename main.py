@@ -59,6 +59,9 @@ HASHING_SHARE = int(os.environ.get("PASSWORD_HASHING_SHARE", "4"))
 # LOG_IN_PERIOD of each other; past that, a 429 until a period after the last one.
 LOG_IN_ATTEMPTS = int(os.environ.get("LOG_IN_ATTEMPTS", "10"))
 LOG_IN_PERIOD = timedelta(minutes=float(os.environ.get("LOG_IN_PERIOD_MINUTES", "15")))
+# Seconds a 429 waits before it is sent: a client that ignores Retry-After then costs
+# one request a second per connection, not hundreds (tests/benchmark.md).
+REFUSAL_PAUSE = 1.0
 MAX_BODY_SIZE = int(os.environ.get("MAX_BODY_SIZE", "16384"))  # bytes
 # Browser front ends on these origins may call the API (with a bearer token).
 CORS_ORIGINS = os.environ.get("CORS_ORIGINS", "").replace(",", " ").split()
@@ -183,6 +186,7 @@ async def in_hashing_thread(
     if hashing_limiter.statistics().tasks_waiting >= HASHING_QUEUE:
         raise unavailable("Too many sign-ups and log-ins at once; retry shortly")
     if hashing_places[client] >= HASHING_SHARE:
+        await anyio.sleep(REFUSAL_PAUSE)
         raise too_many_requests("Too many sign-ups and log-ins from your address")
     hashing_places[client] += 1
     try:
@@ -292,6 +296,7 @@ async def count_log_in(key: str) -> None:
         last = row["last_attempt_at"]  # naive from SQLite, which stores UTC
         wait = last.replace(tzinfo=last.tzinfo or UTC) + LOG_IN_PERIOD - now
         detail = "Too many log-ins for this account; retry later"
+        await anyio.sleep(REFUSAL_PAUSE)  # holding the address's place in the queue
         raise too_many_requests(detail, max(1, math.ceil(wait.total_seconds())))
 
 

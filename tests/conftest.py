@@ -115,20 +115,29 @@ async def execute_autocommit(url: str, statement: str) -> None:
     await engine.dispose()
 
 
-@pytest.fixture
-def empty_database_url(tmp_path: Path) -> Iterator[str]:
-    """The URL of a new, empty database of the same kind as the test database."""
+@contextmanager
+def new_database(directory: Path) -> Iterator[str]:
+    """The URL of a new, empty database of the same kind as the test database.
+
+    On a server, it is named after the test database and dropped afterwards.
+    """
     url = make_url(TEST_DATABASE_URL)
     if url.get_backend_name() == "sqlite":
-        yield url.set(database=str(tmp_path / "empty.sqlite")).render_as_string(False)
+        yield url.set(database=str(directory / "empty.sqlite")).render_as_string(False)
         return
-    name = f"test_{uuid.uuid4().hex[:12]}"
+    name = f"{url.database}_{uuid.uuid4().hex[:12]}"
     server = url.render_as_string(hide_password=False)
     asyncio.run(execute_autocommit(server, f'CREATE DATABASE "{name}"'))
     try:
         yield url.set(database=name).render_as_string(hide_password=False)
     finally:
         asyncio.run(execute_autocommit(server, f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def empty_database_url(tmp_path: Path) -> Iterator[str]:
+    with new_database(tmp_path) as url:
+        yield url
 
 
 @pytest.fixture
