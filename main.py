@@ -1,10 +1,13 @@
 """The web app: sign-up, log-in and each user's own account, over the models in db.py."""
 
 import hashlib
+import json
 import logging
+import math
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,11 +37,12 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from db import Tokens, Users, database
+from db import LogInAttempts, Tokens, Users, database
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,15 @@ TOKEN_LIFETIME = timedelta(hours=float(os.environ.get("TOKEN_LIFETIME_HOURS", "2
 SESSIONS_PER_USER = int(os.environ.get("SESSIONS_PER_USER", "10"))
 # Sign-ups and log-ins waiting for a hashing thread; past this they get a 503 at once.
 HASHING_QUEUE = int(os.environ.get("PASSWORD_HASHING_QUEUE", "32"))
+# Of those, how many one client address may have waiting or running; past it, a 429.
+HASHING_SHARE = int(os.environ.get("PASSWORD_HASHING_SHARE", "4"))
+# Log-ins per account and client address (wrong passwords) that may come within
+# LOG_IN_PERIOD of each other; past that, a 429 until a period after the last one.
+LOG_IN_ATTEMPTS = int(os.environ.get("LOG_IN_ATTEMPTS", "10"))
+LOG_IN_PERIOD = timedelta(minutes=float(os.environ.get("LOG_IN_PERIOD_MINUTES", "15")))
+# Seconds a 429 waits before it is sent: a client that ignores Retry-After then costs
+# one request a second per connection, not hundreds (tests/benchmark.md).
+REFUSAL_PAUSE = 1.0
 MAX_BODY_SIZE = int(os.environ.get("MAX_BODY_SIZE", "16384"))  # bytes
 # Browser front ends on these origins may call the API (with a bearer token).
 CORS_ORIGINS = os.environ.get("CORS_ORIGINS", "").replace(",", " ").split()
@@ -118,6 +131,13 @@ def unavailable(detail: str = "Service unavailable") -> HTTPException:
     )
 
 
+def too_many_requests(detail: str, seconds: int = 1) -> HTTPException:
+    """A 429 that tells the client how many seconds to wait."""
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS, detail, headers={"Retry-After": str(seconds)}
+    )
+
+
 # Passwords and tokens ---------------------------------------------------------------
 
 
@@ -146,14 +166,37 @@ password_hash = PasswordHash.recommended()  # argon2id
 # Verified for unknown emails, so that they cost what a real account costs.
 DUMMY_HASH = password_hash.hash(secrets.token_urlsafe())
 hashing_limiter = anyio.CapacityLimiter(HASHING_THREADS)
+# Client address -> its hashes waiting or running in this process.
+hashing_places: Counter[str] = Counter()
 T = TypeVar("T")
 
 
-async def in_hashing_thread(function: Callable[..., T], *args: str) -> T:
-    """Run a password hash or check on a hashing thread, or answer 503 when too busy."""
+async def in_hashing_thread(
+    client: str,
+    function: Callable[..., T],
+    *args: str,
+    first: Callable[[], Awaitable[object]] | None = None,
+) -> T:
+    """Run a password hash or check on a hashing thread, after `first` if given.
+
+    503 when the queue is full; 429 when the client's address holds its share of it,
+    before `first` runs: a flood from one address writes nothing and keeps no one else
+    waiting for long.
+    """
     if hashing_limiter.statistics().tasks_waiting >= HASHING_QUEUE:
         raise unavailable("Too many sign-ups and log-ins at once; retry shortly")
-    return await anyio.to_thread.run_sync(function, *args, limiter=hashing_limiter)
+    if hashing_places[client] >= HASHING_SHARE:
+        await anyio.sleep(REFUSAL_PAUSE)
+        raise too_many_requests("Too many sign-ups and log-ins from your address")
+    hashing_places[client] += 1
+    try:
+        if first is not None:
+            await first()
+        return await anyio.to_thread.run_sync(function, *args, limiter=hashing_limiter)
+    finally:
+        hashing_places[client] -= 1
+        if not hashing_places[client]:
+            del hashing_places[client]
 
 
 def verify_password(password: str, stored_hash: str) -> tuple[bool, str | None]:
@@ -214,8 +257,66 @@ async def current_user(digest: PresentedDigest) -> Users:
 CurrentUser = Annotated[Users, Depends(current_user)]
 
 
-async def check_current_password(user: Users, password: str) -> None:
-    valid, _ = await in_hashing_thread(verify_password, password, user.password)
+async def client_address(request: Request) -> str:
+    """The client's address as uvicorn reports it: behind a proxy, the proxy's own
+    unless uvicorn trusts its headers (the README's Production section)."""
+    return request.client.host if request.client else ""
+
+
+ClientAddress = Annotated[str, Depends(client_address)]
+
+
+def log_in_key(client: str, username: str) -> str:
+    """What log-ins are counted by: the address and the account as typed, digested."""
+    return hashlib.sha256(json.dumps([client, username]).encode()).hexdigest()
+
+
+async def count_log_in(key: str) -> None:
+    """Count a log-in before its password is checked; 429 past LOG_IN_ATTEMPTS.
+
+    One statement counts and reads the count, so concurrent guesses cannot pass the
+    bound together. A refused log-in is not let through later than a period after
+    the last one that was: it does not move the time on.
+    """
+    table = LogInAttempts.ormar_config.table
+    now = datetime.now(UTC)
+    over = table.c.last_attempt_at <= now - LOG_IN_PERIOD
+    allowed = over | (table.c.attempts < LOG_IN_ATTEMPTS)
+    dialect = postgresql if database.dialect.name == "postgresql" else sqlite
+    upsert = dialect.insert(table).values(digest=key, attempts=1, last_attempt_at=now)
+    changes = {
+        "attempts": sqlalchemy.case(
+            (over, 1), (allowed, table.c.attempts + 1), else_=LOG_IN_ATTEMPTS + 1
+        ),
+        "last_attempt_at": sqlalchemy.case(
+            (allowed, sqlalchemy.literal(now, table.c.last_attempt_at.type)),
+            else_=table.c.last_attempt_at,
+        ),
+    }
+    upsert = upsert.on_conflict_do_update(index_elements=[table.c.digest], set_=changes)
+    async with database.get_query_executor() as executor:
+        row = await executor.fetch_one(upsert.returning(*table.c))
+    assert row is not None
+    if row["attempts"] > LOG_IN_ATTEMPTS:
+        last = row["last_attempt_at"]  # naive from SQLite, which stores UTC
+        wait = last.replace(tzinfo=last.tzinfo or UTC) + LOG_IN_PERIOD - now
+        detail = "Too many log-ins for this account; retry later"
+        await anyio.sleep(REFUSAL_PAUSE)  # holding the address's place in the queue
+        raise too_many_requests(detail, max(1, math.ceil(wait.total_seconds())))
+
+
+async def end_log_in_counts(key: str | None = None) -> None:
+    """Delete every count whose period is over, and `key`'s (a right password)."""
+    table = LogInAttempts.ormar_config.table
+    ended = table.c.last_attempt_at <= datetime.now(UTC) - LOG_IN_PERIOD
+    if key is not None:
+        ended = ended | (table.c.digest == key)
+    async with database.get_query_executor() as executor:
+        await executor.execute(table.delete().where(ended))
+
+
+async def check_current_password(user: Users, password: str, client: str) -> None:
+    valid, _ = await in_hashing_thread(client, verify_password, password, user.password)
     if not valid:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "Wrong current password")
 
@@ -401,31 +502,40 @@ async def database_unavailable(request: Request, error: Exception) -> Response:
     "/users",
     response_model=UserRead,
     status_code=status.HTTP_201_CREATED,
-    responses=errors(400, 409, 413),
+    responses=errors(400, 409, 413, 429),
 )
-async def create_user(body: UserCreate) -> Users:
+async def create_user(body: UserCreate, client: ClientAddress) -> Users:
     """Sign up."""
-    password = await in_hashing_thread(password_hash.hash, body.password)
+    password = await in_hashing_thread(client, password_hash.hash, body.password)
     with email_must_be_free():
         return await Users.objects.create(email=body.email, password=password)
 
 
-@app.post("/auth/token", responses=errors(400, 401, 413))
+@app.post("/auth/token", responses=errors(400, 401, 413, 429))
 async def log_in(
-    form: Annotated[OAuth2PasswordRequestForm, Depends()], response: Response
+    form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    response: Response,
+    client: ClientAddress,
 ) -> Token:
     """Log in with the email as `username`; answers a bearer token."""
     try:  # the same rules as at sign-up: what could not sign up is no account
         email = email_address.validate_python(form.username)
     except ValidationError:  # (and PostgreSQL refuses text with a NUL byte)
         email = None
+    key = log_in_key(client, email or form.username)  # unknown emails count alike
     user = await Users.objects.get_or_none(email=email) if email else None
     stored_hash = user.password if user else DUMMY_HASH
     valid, new_hash = await in_hashing_thread(
-        verify_password, form.password, stored_hash
+        client,
+        verify_password,
+        form.password,
+        stored_hash,
+        first=lambda: count_log_in(key),
     )
     if user is None or not valid or not user.is_active:
+        await end_log_in_counts()
         raise NOT_AUTHENTICATED
+    await end_log_in_counts(key)  # a right password: counting starts again
     rehashed = Users.objects.filter(id=user.id, password=stored_hash)
     if new_hash and await rehashed.update(password=new_hash):  # older parameters
         stored_hash = new_hash
@@ -453,19 +563,21 @@ async def read_me(me: CurrentUser) -> Users:
 
 
 @app.patch(
-    "/users/me", response_model=UserRead, responses=errors(400, 401, 403, 409, 413)
+    "/users/me",
+    response_model=UserRead,
+    responses=errors(400, 401, 403, 409, 413, 429),
 )
 async def update_me(
-    body: UserUpdate, me: CurrentUser, digest: PresentedDigest
+    body: UserUpdate, me: CurrentUser, digest: PresentedDigest, client: ClientAddress
 ) -> Users:
     """Change the email or the password; both need `current_password`."""
     changes = body.model_dump(exclude_none=True, exclude={"current_password"})
     if not changes:
         return me
-    await check_current_password(me, body.current_password or "")
+    await check_current_password(me, body.current_password or "", client)
     if "password" in changes:
         changes["password"] = await in_hashing_thread(
-            password_hash.hash, changes["password"]
+            client, password_hash.hash, changes["password"]
         )
     async with database.transaction():
         # Only if the password is still the one just verified: of two changes at
@@ -483,11 +595,11 @@ async def update_me(
 @app.delete(
     "/users/me",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=errors(400, 401, 403, 409, 413),
+    responses=errors(400, 401, 403, 409, 413, 429),
 )
-async def delete_me(body: UserDelete, me: CurrentUser) -> None:
+async def delete_me(body: UserDelete, me: CurrentUser, client: ClientAddress) -> None:
     """Delete the account (needs `current_password`); its sessions go with it."""
-    await check_current_password(me, body.current_password)
+    await check_current_password(me, body.current_password, client)
     if not await Users.objects.filter(id=me.id, password=me.password).delete():
         raise await changed_meanwhile(me)
 

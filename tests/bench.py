@@ -1,6 +1,6 @@
 """Benchmark: serve the app on a database of its own and load it over loopback.
 
-    pipenv run bench [--seconds 10] [--concurrency 32] [--workers 1]
+    pipenv run bench [--seconds 10] [--concurrency 32] [--workers 1] [--http h11]
     pipenv run bench --compare [--rounds 5] (and the options above)
 
 --compare serves, on the same database, the template and the reference apps of
@@ -59,13 +59,16 @@ def prepare(url: str) -> None:
     asyncio.run(execute(url, insert, seed))
 
 
-def serve(app: str, url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+def serve(
+    app: str, url: str, workers: int, http: str
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start uvicorn on a free port with `app` ("module:attribute"); its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "uvicorn", app, "--port", str(port)]
     command += ["--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+    command += ["--http", http]
     env = {**os.environ, "DATABASE_URL": url}
     server = subprocess.Popen(command, cwd=PROJECT_DIR, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -101,9 +104,13 @@ async def load(
     failures = 0
     deadline = time.perf_counter() + seconds
 
-    async def client() -> None:
+    async def client(i: int) -> None:
         nonlocal failures
-        reader, writer = await asyncio.open_connection(host, int(port))
+        # Each connection from a loopback address of its own: 32 clients, not one
+        # client past its share of the hashing queue.
+        reader, writer = await asyncio.open_connection(
+            host, int(port), local_addr=(f"127.0.0.{i + 2}", 0)
+        )
         while time.perf_counter() < deadline:
             started = time.perf_counter()
             writer.write(request(token).encode())
@@ -117,7 +124,7 @@ async def load(
             failures += not 200 <= status < 300
         writer.close()
 
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
     return latencies, failures
 
 
@@ -200,6 +207,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--compare", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--http", default="h11", help="uvicorn's HTTP parser")
     options = parser.parse_args()
 
     server_url = os.environ.get("BENCH_DATABASE_URL")
@@ -224,11 +232,13 @@ def main() -> None:
         prepare(url)
         bases: dict[str, str] = {}
         for name, app in apps.items():
-            process, bases[name] = serve(app, url, options.workers)
+            process, bases[name] = serve(app, url, options.workers, options.http)
             servers.append(process)
         token = log_in(next(iter(bases.values())))  # the template's
         print(
-            f"{make_url(url).get_backend_name()}, {options.workers} worker(s), ", end=""
+            f"{make_url(url).get_backend_name()}, {options.workers} worker(s), "
+            f"--http {options.http}, ",
+            end="",
         )
         print(f"{options.concurrency} connections, {options.seconds:g} s per ", end="")
         print("round" if options.compare else "row", end="")

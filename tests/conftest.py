@@ -33,7 +33,7 @@ from asgi_lifespan import LifespanManager  # noqa: E402
 from sqlalchemy import make_url, pool  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine  # noqa: E402
 
-from db import Users  # noqa: E402
+from db import LogInAttempts, Users  # noqa: E402
 from main import app  # noqa: E402
 
 PASSWORD = "s3cret-pass"
@@ -58,14 +58,33 @@ def migrated_database() -> None:
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the app running its real lifespan, on an empty users table."""
+    """A client of the app running its real lifespan, on empty tables."""
     async with LifespanManager(app) as manager:
         await Users.objects.delete(each=True)
+        await LogInAttempts.objects.delete(each=True)
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(
             transport=transport, base_url="http://test"
         ) as client:
             yield client
+
+
+def loopback(i: int) -> str:
+    """Another loopback address for each i (127.0.0.2 up): uvicorn, like the app's
+    per-address limits, sees each as another client."""
+    return f"127.0.0.{i + 2}"
+
+
+def client_at(address: str) -> httpx.AsyncClient:
+    """Another client of the app that the `client` fixture runs, sending from `address`."""
+    transport = httpx.ASGITransport(app=app, client=(address, 123))
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+def server_client_at(url: str, address: str, **options: Any) -> httpx.AsyncClient:
+    """A client of a real server whose connections come from `address`."""
+    transport = httpx.AsyncHTTPTransport(local_address=address)
+    return httpx.AsyncClient(base_url=url, transport=transport, **options)
 
 
 async def sign_up(
@@ -96,20 +115,29 @@ async def execute_autocommit(url: str, statement: str) -> None:
     await engine.dispose()
 
 
-@pytest.fixture
-def empty_database_url(tmp_path: Path) -> Iterator[str]:
-    """The URL of a new, empty database of the same kind as the test database."""
+@contextmanager
+def new_database(directory: Path) -> Iterator[str]:
+    """The URL of a new, empty database of the same kind as the test database.
+
+    On a server, it is named after the test database and dropped afterwards.
+    """
     url = make_url(TEST_DATABASE_URL)
     if url.get_backend_name() == "sqlite":
-        yield url.set(database=str(tmp_path / "empty.sqlite")).render_as_string(False)
+        yield url.set(database=str(directory / "empty.sqlite")).render_as_string(False)
         return
-    name = f"test_{uuid.uuid4().hex[:12]}"
+    name = f"{url.database}_{uuid.uuid4().hex[:12]}"
     server = url.render_as_string(hide_password=False)
     asyncio.run(execute_autocommit(server, f'CREATE DATABASE "{name}"'))
     try:
         yield url.set(database=name).render_as_string(hide_password=False)
     finally:
         asyncio.run(execute_autocommit(server, f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def empty_database_url(tmp_path: Path) -> Iterator[str]:
+    with new_database(tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

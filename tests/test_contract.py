@@ -212,28 +212,35 @@ async def test_each_route_answers_exactly_the_codes_it_declares(
         headers=me | json_type,
     )
 
-    # 503: too many hashes waiting, then a database that cannot be reached.
-    monkeypatch.setattr(main, "HASHING_QUEUE", 0)
-    await call(
-        "create_user",
-        "POST",
-        url("create_user"),
-        json={"email": "q@example.com", "password": SECRET},
-    )
-    await call(
-        "log_in",
-        "POST",
-        url("log_in"),
-        data={"username": "ann@example.com", "password": PASSWORD},
-    )
-    await call(
-        "update_me",
-        "PATCH",
-        url("update_me"),
-        json={"password": SECRET, "current_password": PASSWORD},
-        headers=me,
-    )
-    monkeypatch.undo()
+    # 503: too many hashes waiting; 429: this address holds its share of them.
+    hashing: list[tuple[str, str, str, dict[str, Any]]] = [
+        (
+            "create_user",
+            "POST",
+            url("create_user"),
+            {"json": {"email": "q@example.com", "password": SECRET}},
+        ),
+        (
+            "log_in",
+            "POST",
+            url("log_in"),
+            {"data": {"username": "ann@example.com", "password": PASSWORD}},
+        ),
+        (
+            "update_me",
+            "PATCH",
+            url("update_me"),
+            {"json": {"password": SECRET, **right}, "headers": me},
+        ),
+        ("delete_me", "DELETE", url("delete_me"), {"json": right, "headers": me}),
+    ]
+    for setting in ("HASHING_QUEUE", "HASHING_SHARE"):
+        monkeypatch.setattr(main, "REFUSAL_PAUSE", 0)  # 429s at once
+        monkeypatch.setattr(main, setting, 0)
+        for case in hashing:
+            await call(case[0], case[1], case[2], **case[3])
+        monkeypatch.undo()
+    # Then a database that cannot be reached.
     async with unreachable_database():
         for operation, method, path in [
             ("read_me", "GET", url("read_me")),
@@ -247,7 +254,9 @@ async def test_each_route_answers_exactly_the_codes_it_declares(
     me = await log_in(client, "ann@example.com")
 
     # 409: the password changed between its check and the deletion.
-    async def password_changed_meanwhile(user: Users, password: str) -> None:
+    async def password_changed_meanwhile(
+        user: Users, password: str, client: str
+    ) -> None:
         await Users.objects.filter(id=user.id).update(password=DUMMY_HASH)
 
     monkeypatch.setattr(main, "check_current_password", password_changed_meanwhile)

@@ -26,7 +26,9 @@ from conftest import (
     Server,
     free_port,
     log_in,
+    loopback,
     migrate,
+    server_client_at,
     sign_up,
     start_server,
 )
@@ -344,9 +346,10 @@ async def test_sigterm_answers_every_accepted_sign_up_then_exits(
     ) as server:
         # A client (so a connection) per request: no keep-alive connection races the
         # shutdown. Made beforehand: each costs this process ~20 ms of CPU, and the
-        # requests must all have reached the server before the SIGTERM.
+        # requests must all have reached the server before the SIGTERM. Each from an
+        # address of its own: 20 people, not one client past its share of the queue.
         clients = [
-            httpx.AsyncClient(base_url=server.url, timeout=30) for _ in range(25)
+            server_client_at(server.url, loopback(i), timeout=30) for i in range(25)
         ]
         async with anyio.create_task_group() as tasks:
             for i in range(20):

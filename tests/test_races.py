@@ -62,8 +62,10 @@ def holdable(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Let `hold` stop requests right after they verify a password."""
     original = main.in_hashing_thread
 
-    async def in_hashing_thread(function: Callable[..., T], *args: str) -> T:
-        result = await original(function, *args)
+    async def in_hashing_thread(
+        client: str, function: Callable[..., T], *args: str, **options: Any
+    ) -> T:
+        result = await original(client, function, *args, **options)
         held = HOLDING.get()
         if held is not None and function is main.verify_password:
             held.reached.set()

@@ -1,0 +1,417 @@
+"""Password guessing and hostile clients: the log-in throttle per account and client
+address, the per-address share of the hashing queue, and the server's own limits.
+
+Where addresses, workers or uvicorn matter, through real `uvicorn main:app` processes
+started with the options the README gives; clients send from other loopback
+addresses (127.0.0.2 up), which uvicorn reports as other clients.
+"""
+
+import asyncio
+import re
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import HTTPException
+
+import main
+from conftest import (
+    PASSWORD,
+    PROJECT_DIR,
+    Server,
+    client_at,
+    migrate,
+    new_database,
+    server_client_at,
+    sign_up,
+    start_server,
+)
+from db import LogInAttempts
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = main.app.url_path_for("log_in")
+WRONG = "wrong-password"
+# What `pipenv run serve` and the README's production command add to uvicorn's own.
+SERVE_OPTIONS = ("--http", "h11", "--timeout-graceful-shutdown", "5")
+
+
+def form(email: str, password: str = WRONG) -> dict[str, str]:
+    return {"username": email, "password": password}
+
+
+# In-process: the test client's address is 127.0.0.1 -----------------------------
+
+
+@pytest.fixture
+def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    """429s at once: these tests count them (the share test checks the pause)."""
+    monkeypatch.setattr(main, "REFUSAL_PAUSE", 0)
+
+
+@pytest.mark.usefixtures("no_pause")
+async def test_past_ten_wrong_passwords_log_ins_answer_429_without_hashing(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await sign_up(client, "ann@example.com")
+    for _ in range(10):
+        response = await client.post(TOKEN, data=form("ann@example.com"))
+        assert response.status_code == 401
+    checks: list[str] = []
+    monkeypatch.setattr(main, "verify_password", lambda *args: checks.append("!"))
+
+    # The right password too: the throttle must not tell which guess was right.
+    for password in (WRONG, PASSWORD):
+        response = await client.post(TOKEN, data=form("ann@example.com", password))
+        assert response.status_code == 429
+        assert response.json() == {
+            "detail": "Too many log-ins for this account; retry later"
+        }
+        # Fifteen minutes after the tenth, give or take this test's own duration.
+        assert 880 <= int(response.headers["retry-after"]) <= 900
+    assert checks == []
+
+
+@pytest.mark.usefixtures("no_pause")
+async def test_an_unknown_email_is_throttled_exactly_like_a_real_one(
+    client: httpx.AsyncClient,
+) -> None:
+    await sign_up(client, "ann@example.com")
+    answers: dict[str, list[tuple[int, str, str | None]]] = {}
+    for email in ("ann@example.com", "nobody@example.com"):
+        answers[email] = []
+        for _ in range(11):
+            response = await client.post(TOKEN, data=form(email))
+            retry_after = response.headers.get("retry-after")
+            # Whole minutes: the two runs are a second or two apart.
+            minutes = str(int(retry_after) // 60) if retry_after else None
+            answers[email].append((response.status_code, response.text, minutes))
+
+    assert answers["ann@example.com"] == answers["nobody@example.com"]
+    assert [status for status, _, _ in answers["nobody@example.com"]] == (
+        [401] * 10 + [429]
+    )
+
+
+@pytest.mark.usefixtures("no_pause")
+async def test_a_right_password_within_the_allowance_starts_the_count_again(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(main, "LOG_IN_ATTEMPTS", 3)  # the setting, and fewer hashes
+    await sign_up(client, "ann@example.com")
+    statuses = []
+    for password in [WRONG, WRONG, PASSWORD, WRONG, WRONG, WRONG, WRONG]:
+        response = await client.post(TOKEN, data=form("ann@example.com", password))
+        statuses.append(response.status_code)
+    assert statuses == [401, 401, 200, 401, 401, 401, 429]
+
+
+@pytest.mark.usefixtures("no_pause")
+async def test_a_count_ends_a_period_after_its_last_log_in_and_its_row_goes(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(main, "LOG_IN_ATTEMPTS", 1)
+    await sign_up(client, "ann@example.com")
+    assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 401
+    assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 429
+    # Someone else's count, over long ago: the table keeps no stale rows.
+    old = datetime.now(UTC) - main.LOG_IN_PERIOD - timedelta(seconds=1)
+    await LogInAttempts.objects.create(digest="0" * 64, attempts=5, last_attempt_at=old)
+
+    # A period after the last log-in let through, ann may try again.
+    ann = main.log_in_key("127.0.0.1", "ann@example.com")
+    await LogInAttempts.objects.filter(digest=ann).update(last_attempt_at=old)
+    assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 401
+    assert await LogInAttempts.objects.filter(digest="0" * 64).count() == 0
+    assert await LogInAttempts.objects.count() == 1
+
+
+@pytest.mark.usefixtures("no_pause")
+async def test_concurrent_guesses_get_no_more_than_the_allowance_through(
+    client: httpx.AsyncClient,
+) -> None:
+    # 120 log-ins counted at once (no hashing needed to see it): read-then-write
+    # counting would let most of them through.
+    key = main.log_in_key("127.0.0.1", "ann@example.com")
+    outcomes = await asyncio.gather(
+        *(main.count_log_in(key) for _ in range(120)), return_exceptions=True
+    )
+    refused = [outcome for outcome in outcomes if outcome is not None]
+    assert len(refused) == 110
+    assert {
+        error.status_code if isinstance(error, HTTPException) else error
+        for error in refused
+    } == {429}
+
+
+async def test_one_address_past_its_share_of_the_queue_gets_429_others_do_not(
+    client: httpx.AsyncClient,
+) -> None:
+    limiter = main.hashing_limiter
+    holders = [object() for _ in range(int(limiter.total_tokens))]
+    for holder in holders:  # every hashing thread busy: sign-ups wait in the queue
+        await limiter.acquire_on_behalf_of(holder)
+    statuses: list[int] = []
+
+    async def create(email: str, sender: httpx.AsyncClient = client) -> None:
+        body = {"email": email, "password": PASSWORD}
+        statuses.append((await sender.post("/users", json=body)).status_code)
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            for i in range(main.HASHING_SHARE):
+                tasks.start_soon(create, f"queued{i}@example.com")
+            while limiter.statistics().tasks_waiting < main.HASHING_SHARE:
+                await anyio.sleep(0.01)
+            with anyio.fail_after(5):  # not queued: answered after the pause
+                sent = time.monotonic()
+                body = {"email": "fifth@example.com", "password": PASSWORD}
+                response = await client.post("/users", json=body)
+            assert time.monotonic() - sent >= main.REFUSAL_PAUSE
+            assert response.status_code == 429
+            assert response.headers["retry-after"] == "1"
+            assert response.json() == {
+                "detail": "Too many sign-ups and log-ins from your address"
+            }
+            # Someone at another address still gets a place in the queue.
+            other = client_at("192.0.2.7")
+            tasks.start_soon(create, "other@example.com", other)
+            while limiter.statistics().tasks_waiting <= main.HASHING_SHARE:
+                await anyio.sleep(0.01)
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+            holders = []
+    finally:
+        for holder in holders:
+            limiter.release_on_behalf_of(holder)
+    await other.aclose()
+    assert statuses == [201] * (main.HASHING_SHARE + 1)
+    assert main.hashing_places == {}  # every place given back
+
+
+# Real servers ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def migrated_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with new_database(tmp_path_factory.mktemp("throttle")) as url:
+        migrate(url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def server(
+    migrated_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One server for the tests below, each with accounts and addresses of its own."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with start_server(migrated_url, log, *SERVE_OPTIONS) as server:
+        yield server
+
+
+async def test_the_owner_logs_in_from_another_address_while_one_is_throttled(
+    server: Server,
+) -> None:
+    async with server_client_at(server.url, "127.0.0.2") as stranger:
+        await sign_up(stranger, "owner@example.com")
+        statuses = [
+            (await stranger.post(TOKEN, data=form("owner@example.com"))).status_code
+            for _ in range(11)
+        ]
+        right = form("owner@example.com", PASSWORD)
+        assert (await stranger.post(TOKEN, data=right)).status_code == 429
+    async with server_client_at(server.url, "127.0.0.3") as owner:
+        assert (await owner.post(TOKEN, data=right)).status_code == 200
+    assert statuses == [401] * 10 + [429]
+
+
+async def test_two_workers_and_another_machine_enforce_one_bound(
+    migrated_url: str, server: Server, tmp_path: Path
+) -> None:
+    # The module's server plays a second machine on the same database.
+    with start_server(
+        migrated_url, tmp_path / "workers.log", *SERVE_OPTIONS, "--workers", "2"
+    ) as workers:
+        async with server_client_at(workers.url, "127.0.0.4") as client:
+            await sign_up(client, "bea@example.com")
+        statuses: list[int] = []
+
+        async def guess(url: str) -> None:
+            # A connection per guess, so that both workers take some.
+            async with server_client_at(url, "127.0.0.4", timeout=30) as client:
+                response = await client.post(TOKEN, data=form("bea@example.com"))
+                statuses.append(response.status_code)
+
+        for url in (workers.url, workers.url, server.url, server.url):
+            async with anyio.create_task_group() as tasks:
+                for _ in range(4):  # within the address's share of each process
+                    tasks.start_soon(guess, url)
+    assert sorted(statuses) == [401] * 10 + [429] * 6
+
+
+async def send_until(
+    url: str, address: str, until: float, request: Callable[[str], bytes]
+) -> int:
+    """One hostile connection: requests for random emails back to back until `until`.
+
+    Raw HTTP/1.1 on one keep-alive connection: an attacker's client costs this
+    process little CPU, which the server shares.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(
+        host, int(port), local_addr=(address, 0)
+    )
+    sent = 0
+    try:
+        while time.monotonic() < until:
+            writer.write(request(f"{uuid.uuid4().hex}@example.com"))
+            sent += 1
+            length = 0
+            while (line := await reader.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+    finally:  # also when the test cancels it
+        writer.close()
+    return sent
+
+
+def http_post(path: str, content_type: str, body: str) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: flood\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+
+
+def wrong_log_in(email: str) -> bytes:
+    body = f"username={email.replace('@', '%40')}&password={WRONG}"
+    return http_post("/auth/token", "application/x-www-form-urlencoded", body)
+
+
+def sign_up_request(email: str) -> bytes:
+    body = f'{{"email": "{email}", "password": "{PASSWORD}"}}'
+    return http_post("/users", "application/json", body)
+
+
+Requests = list[tuple[str, dict[str, Any]]]  # path, options for client.post
+
+
+async def timed_statuses(
+    client: httpx.AsyncClient, requests: Requests
+) -> list[tuple[int | str, float]]:
+    """Each request in turn, with a 3 s timeout: its status (or error) and seconds."""
+    outcomes: list[tuple[int | str, float]] = []
+    for path, options in requests:
+        sent = time.monotonic()
+        try:
+            response = await client.post(path, timeout=3, **options)
+            outcomes.append((response.status_code, time.monotonic() - sent))
+        except httpx.TimeoutException:
+            outcomes.append(("timeout", time.monotonic() - sent))
+    return outcomes
+
+
+async def test_a_flood_from_one_address_leaves_others_their_log_ins_and_sign_ups(
+    server: Server,
+) -> None:
+    # 48 connections from one address: wrong log-ins and sign-ups for random emails.
+    async with (
+        server_client_at(server.url, "127.0.0.6") as ann,
+        server_client_at(server.url, "127.0.0.7") as bob,
+    ):
+        await sign_up(ann, "cay@example.com")
+        log_ins: Requests = [(TOKEN, {"data": form("cay@example.com", PASSWORD)})] * 10
+        sign_ups: Requests = [
+            ("/users", {"json": {"email": f"dee{i}@example.com", "password": PASSWORD}})
+            for i in range(5)
+        ]
+        until = time.monotonic() + 60
+        async with anyio.create_task_group() as flood:
+            for i in range(48):
+                request = (wrong_log_in, sign_up_request)[i % 2]
+                flood.start_soon(send_until, server.url, "127.0.0.5", until, request)
+            await anyio.sleep(1)  # the flood under way
+            # One user at a time: the two would queue behind each other's hashes too.
+            outcomes = {
+                "log-ins": await timed_statuses(ann, log_ins),
+                "sign-ups": await timed_statuses(bob, sign_ups),
+            }
+            flood.cancel_scope.cancel()
+    print(f"\nduring a 48-connection flood from one address: {outcomes}")
+    assert sum(status == 200 for status, _ in outcomes["log-ins"]) >= 9, outcomes
+    assert sum(status == 201 for status, _ in outcomes["sign-ups"]) >= 4, outcomes
+
+
+async def send_head(url: str, head: bytes) -> tuple[bytes, float]:
+    """Send a request head on a connection of its own: the status line and seconds."""
+    host, port = url.removeprefix("http://").split(":")
+    sent = time.monotonic()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        await writer.drain()
+    except ConnectionError:  # the server hung up before it had read it all
+        pass
+    try:
+        status_line = await reader.readline()
+    except ConnectionError:  # cut without an answer
+        status_line = b""
+    writer.close()
+    return status_line, time.monotonic() - sent
+
+
+async def test_a_header_past_16_kib_is_refused_at_once(server: Server) -> None:
+    def head(token_size: int) -> bytes:
+        token = b"a" * token_size
+        return (
+            b"GET /users/me HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"
+            % token
+        )
+
+    # An 8 KiB token is read (and refused as a token); 64 MiB is not read at all.
+    status_line, _ = await send_head(server.url, head(8 * 1024))
+    assert status_line.startswith(b"HTTP/1.1 401")
+    status_line, seconds = await send_head(server.url, head(64 * 2**20))
+    assert status_line.startswith(b"HTTP/1.1 400") or status_line == b"", status_line
+    assert seconds < 2
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.get("/health")).status_code == 200
+
+
+def test_the_tested_options_are_the_documented_ones() -> None:
+    options = " ".join(SERVE_OPTIONS)
+    pipfile = (PROJECT_DIR / "Pipfile").read_text()
+    [serve] = re.findall(r"^serve = .*$", pipfile, re.MULTILINE)
+    assert options in serve
+    readme = (PROJECT_DIR / "README.md").read_text()
+    assert re.search(rf"`pipenv run uvicorn main:app [^`]*{options}[^`]*`", readme)
+
+
+async def test_a_stalled_upload_delays_the_shutdown_by_the_timeout_at_most(
+    migrated_url: str, tmp_path: Path
+) -> None:
+    timeout = float(
+        SERVE_OPTIONS[SERVE_OPTIONS.index("--timeout-graceful-shutdown") + 1]
+    )
+    with start_server(migrated_url, tmp_path / "server.log", *SERVE_OPTIONS) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as stalled:
+            # A sign-up whose body never comes: the app waits for it.
+            stalled.sendall(http_post("/users", "application/json", "x" * 1000)[:-990])
+            await anyio.sleep(0.5)
+            sent = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            returncode = await anyio.to_thread.run_sync(server.process.wait, 30)
+            seconds = time.monotonic() - sent
+    print(f"\nexited {seconds:.2f} s after the SIGTERM")
+    assert timeout - 0.5 < seconds < timeout + 3  # waited for it, then gave up
+    assert returncode == -signal.SIGTERM
+    assert "Application shutdown complete" in server.log()  # the lifespan ran
