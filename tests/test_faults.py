@@ -21,35 +21,21 @@ import pytest
 from sqlalchemy import make_url, pool, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from conftest import (
-    TEST_DATABASE_URL,
-    Server,
-    free_port,
-    log_in,
-    migrate,
-    sign_up,
-    start_server,
-)
+from db import DATABASE_URL
+from support import Server, StartServer
 
 pytestmark = pytest.mark.anyio
 
-POSTGRESQL = make_url(TEST_DATABASE_URL).get_backend_name() == "postgresql"
+POSTGRESQL = make_url(DATABASE_URL).get_backend_name() == "postgresql"
 # Searched for in the server's output after each test: it must never be there.
 SECRET = "fault-Pw-9f3c2e71"
 UNAVAILABLE = '{"detail":"Service unavailable"}'
 
 
 @pytest.fixture
-def migrated_url(empty_database_url: str) -> str:
-    """A new database at the newest revision, migrated by `alembic upgrade head`."""
-    migrate(empty_database_url)
-    return empty_database_url
-
-
-@pytest.fixture
-def server(migrated_url: str, tmp_path: Path) -> Iterator[Server]:
+def server(migrated_url: str, start_server: StartServer) -> Iterator[Server]:
     """One uvicorn process on `migrated_url`, as `pipenv run serve` starts it."""
-    with start_server(migrated_url, tmp_path / "server.log") as server:
+    with start_server(migrated_url) as server:
         yield server
 
 
@@ -92,8 +78,12 @@ async def read_until(
 
 async def authenticate(client: httpx.AsyncClient) -> None:
     """Sign up a new user (with SECRET) and send its bearer token from now on."""
-    await sign_up(client, "ann@example.com", SECRET)
-    client.headers.update(await log_in(client, "ann@example.com", SECRET))
+    body = {"email": "ann@example.com", "password": SECRET}
+    assert (await client.post("/users", json=body)).status_code == 201
+    form = {"username": "ann@example.com", "password": SECRET}
+    response = await client.post("/auth/token", data=form)
+    assert response.status_code == 200
+    client.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
 
 
 def assert_unavailable(outcome: Outcome) -> None:
@@ -117,7 +107,7 @@ async def terminate_backends(database_url: str) -> int:
     """Kill every PostgreSQL connection to the database, as a failover or admin would."""
     name = make_url(database_url).database
     engine = create_async_engine(
-        TEST_DATABASE_URL, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool
+        database_url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool
     )
     async with engine.connect() as connection:
         result = await connection.execute(
@@ -172,9 +162,9 @@ class TcpProxy:
     is cut; start() again brings it back on the same port.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, listen_port: int) -> None:
         self.target = (host, port)
-        self.port = free_port()
+        self.port = listen_port
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -253,16 +243,15 @@ async def assert_outage_then_recovery(
 
 @pytest.mark.skipif(not POSTGRESQL, reason="SQLite has no server to lose")
 async def test_unreachable_postgresql_answers_503_then_recovers_by_itself(
-    migrated_url: str, tmp_path: Path
+    migrated_url: str, start_server: StartServer, free_port: Callable[[], int]
 ) -> None:
     url = make_url(migrated_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432, free_port())
     proxy.start()
     through_proxy = url.set(host="127.0.0.1", port=proxy.port)
     try:
         with start_server(
-            through_proxy.render_as_string(hide_password=False),
-            tmp_path / "server.log",
+            through_proxy.render_as_string(hide_password=False)
         ) as server:
             async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
                 await authenticate(client)
@@ -276,20 +265,18 @@ async def test_unreachable_postgresql_answers_503_then_recovers_by_itself(
 
 @pytest.mark.skipif(not POSTGRESQL, reason="SQLite has no server to lose")
 async def test_a_silent_postgresql_answers_503_within_the_connect_timeout(
-    tmp_path: Path,
+    test_database_url: str, start_server: StartServer
 ) -> None:
     # A server that accepts TCP and never answers (dropped packets, a hung host):
     # without db.py's connect timeout, asyncpg waits 60 s.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        url = make_url(TEST_DATABASE_URL).set(
+        url = make_url(test_database_url).set(
             host="127.0.0.1", port=silent.getsockname()[1]
         )
         with start_server(
-            url.render_as_string(hide_password=False),
-            tmp_path / "server.log",
-            ready_path="/openapi.json",
+            url.render_as_string(hide_password=False), ready_path="/openapi.json"
         ) as server:
             async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
                 outcome, seconds = await timed(client, "/health")
@@ -300,21 +287,19 @@ async def test_a_silent_postgresql_answers_503_within_the_connect_timeout(
 
 @pytest.mark.skipif(POSTGRESQL, reason="a PostgreSQL database is not a file")
 async def test_unopenable_sqlite_file_answers_503_then_recovers_by_itself(
-    tmp_path: Path,
+    tmp_path: Path, migrate: Callable[[str], None], start_server: StartServer
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
     url = f"sqlite+aiosqlite:///{data / 'app.sqlite'}"
     migrate(url)
-    with start_server(url, tmp_path / "first.log") as first:
+    with start_server(url) as first:
         async with httpx.AsyncClient(base_url=first.url) as client:
             await authenticate(client)
     # A connection already open keeps working on a moved file: a new process has none.
     # Running as root, chmod would not deny access; a missing directory does.
     data.rename(tmp_path / "moved")
-    with start_server(
-        url, tmp_path / "server.log", ready_path="/openapi.json"
-    ) as server:
+    with start_server(url, ready_path="/openapi.json") as server:
         # The lifespan does not open the database: the app starts without it.
         async with httpx.AsyncClient(
             base_url=server.url, headers=client.headers, timeout=10
@@ -327,7 +312,7 @@ async def test_unopenable_sqlite_file_answers_503_then_recovers_by_itself(
 
 
 async def test_sigterm_answers_every_accepted_sign_up_then_exits(
-    migrated_url: str, tmp_path: Path
+    migrated_url: str, start_server: StartServer
 ) -> None:
     # One hashing thread: 20 sign-ups of ~0.1 s each are still queued at the SIGTERM.
     outcomes: dict[int, int | str] = {}
@@ -339,9 +324,7 @@ async def test_sigterm_answers_every_accepted_sign_up_then_exits(
         except httpx.TransportError as error:
             outcomes[i] = type(error).__name__
 
-    with start_server(
-        migrated_url, tmp_path / "server.log", env={"PASSWORD_HASHING_THREADS": "1"}
-    ) as server:
+    with start_server(migrated_url, env={"PASSWORD_HASHING_THREADS": "1"}) as server:
         # A client (so a connection) per request: no keep-alive connection races the
         # shutdown. Made beforehand: each costs this process ~20 ms of CPU, and the
         # requests must all have reached the server before the SIGTERM.

@@ -7,9 +7,10 @@ import anyio
 import httpx
 import pytest
 
-from conftest import PASSWORD, log_in, sign_up
-from db import Users
-from main import app, password_hash
+import main
+from db import Tokens, Users
+from main import app
+from support import PASSWORD, LoggedIn, LogIn, SignUp
 
 pytestmark = pytest.mark.anyio
 
@@ -23,7 +24,7 @@ def user_url(user_id: int | str) -> str:
 
 
 async def test_sign_up_returns_201_with_the_public_fields(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, log_in: LogIn
 ) -> None:
     response = await client.post(
         USERS, json={"email": "ann@example.com", "password": PASSWORD}
@@ -31,12 +32,14 @@ async def test_sign_up_returns_201_with_the_public_fields(
     assert response.status_code == 201
     body = response.json()
     assert body == {"id": body["id"], "email": "ann@example.com", "is_active": True}
-    headers = await log_in(client, "ann@example.com")
+    headers = await log_in("ann@example.com")
     assert (await client.get(user_url(body["id"]), headers=headers)).json() == body
 
 
-async def test_sign_up_normalises_the_email(client: httpx.AsyncClient) -> None:
-    user = await sign_up(client, "Alice@Example.COM")
+async def test_sign_up_normalises_the_email(
+    client: httpx.AsyncClient, sign_up: SignUp
+) -> None:
+    user = await sign_up("Alice@Example.COM")
     assert user["email"] == "alice@example.com"
     response = await client.post(
         USERS, json={"email": "alice@example.com", "password": "other-pass"}
@@ -65,8 +68,10 @@ async def test_sign_up_rejects_bad_bodies_with_422(
     assert await Users.objects.count() == 0
 
 
-async def test_sign_up_ignores_a_client_sent_id(client: httpx.AsyncClient) -> None:
-    first = await sign_up(client, "first@example.com")
+async def test_sign_up_ignores_a_client_sent_id(
+    client: httpx.AsyncClient, sign_up: SignUp
+) -> None:
+    first = await sign_up("first@example.com")
     response = await client.post(
         USERS,
         json={"id": first["id"], "email": "second@example.com", "password": PASSWORD},
@@ -75,17 +80,21 @@ async def test_sign_up_ignores_a_client_sent_id(client: httpx.AsyncClient) -> No
     assert response.json()["id"] != first["id"]
 
 
-async def test_reading_users_needs_a_log_in(client: httpx.AsyncClient) -> None:
-    user = await sign_up(client, "ann@example.com")
+async def test_reading_users_needs_a_log_in(
+    client: httpx.AsyncClient, sign_up: SignUp
+) -> None:
+    user = await sign_up("ann@example.com")
     for url in (USERS, user_url(user["id"]), ME):
         response = await client.get(url)
         assert response.status_code == 401
         assert response.json() == {"detail": "Not authenticated"}
 
 
-async def test_list_users_pages_in_id_order(client: httpx.AsyncClient) -> None:
-    created = [await sign_up(client, f"user{i}@example.com") for i in range(5)]
-    headers = await log_in(client, "user0@example.com")
+async def test_list_users_pages_in_id_order(
+    client: httpx.AsyncClient, sign_up: SignUp, log_in: LogIn
+) -> None:
+    created = [await sign_up(f"user{i}@example.com") for i in range(5)]
+    headers = await log_in("user0@example.com")
     assert (await client.get(USERS, headers=headers)).json() == created
     page = await client.get(USERS, params={"limit": 2, "offset": 1}, headers=headers)
     assert page.json() == created[1:3]
@@ -103,18 +112,18 @@ async def test_list_users_pages_in_id_order(client: httpx.AsyncClient) -> None:
     ],
 )
 async def test_list_users_rejects_paging_out_of_range_with_422(
-    client: httpx.AsyncClient, params: dict[str, Any]
+    client: httpx.AsyncClient, ann: LoggedIn, params: dict[str, Any]
 ) -> None:
-    await sign_up(client, "ann@example.com")
-    headers = await log_in(client, "ann@example.com")
-    response = await client.get(USERS, params=params, headers=headers)
+    response = await client.get(USERS, params=params, headers=ann.headers)
     assert response.status_code == 422
 
 
-async def test_read_user(client: httpx.AsyncClient) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    await sign_up(client, "bob@example.com")
-    headers = await log_in(client, "bob@example.com")
+async def test_read_user(
+    client: httpx.AsyncClient, sign_up: SignUp, log_in: LogIn
+) -> None:
+    ann = await sign_up("ann@example.com")
+    await sign_up("bob@example.com")
+    headers = await log_in("bob@example.com")
     assert (await client.get(user_url(ann["id"]), headers=headers)).json() == ann
 
     response = await client.get(user_url(ann["id"] + 1000), headers=headers)
@@ -124,30 +133,28 @@ async def test_read_user(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize("user_id", ["abc", "0", "-1", "2147483648", str(10**40)])
 async def test_read_user_with_an_id_no_column_holds_returns_422(
-    client: httpx.AsyncClient, user_id: str
+    client: httpx.AsyncClient, ann: LoggedIn, user_id: str
 ) -> None:
-    await sign_up(client, "ann@example.com")
-    headers = await log_in(client, "ann@example.com")
-    assert (await client.get(user_url(user_id), headers=headers)).status_code == 422
+    response = await client.get(user_url(user_id), headers=ann.headers)
+    assert response.status_code == 422
 
 
 async def test_accounts_change_only_through_users_me(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    headers = await log_in(client, "ann@example.com")
     for method in ("PATCH", "DELETE"):
-        response = await client.request(method, user_url(ann["id"]), headers=headers)
+        url = user_url(ann.user["id"])
+        response = await client.request(method, url, headers=ann.headers)
         assert response.status_code == 405
 
 
 async def test_users_me_is_the_callers_own_account(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, sign_up: SignUp, log_in: LogIn
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    bob = await sign_up(client, "bob@example.com")
-    ann_headers = await log_in(client, "ann@example.com")
-    bob_headers = await log_in(client, "bob@example.com")
+    ann = await sign_up("ann@example.com")
+    bob = await sign_up("bob@example.com")
+    ann_headers = await log_in("ann@example.com")
+    bob_headers = await log_in("bob@example.com")
     assert (await client.get(ME, headers=ann_headers)).json() == ann
     assert (await client.get(ME, headers=bob_headers)).json() == bob
 
@@ -158,10 +165,9 @@ async def test_users_me_is_the_callers_own_account(
 
 
 async def test_changing_the_email_needs_the_current_password(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    headers = await log_in(client, "ann@example.com")
+    headers = ann.headers
 
     missing = await client.patch(ME, json={"email": "x@example.com"}, headers=headers)
     assert missing.status_code == 422
@@ -169,21 +175,20 @@ async def test_changing_the_email_needs_the_current_password(
     response = await client.patch(ME, json=wrong, headers=headers)
     assert response.status_code == 403
     assert response.json() == {"detail": "Wrong current password"}
-    assert (await client.get(ME, headers=headers)).json() == ann
+    assert (await client.get(ME, headers=headers)).json() == ann.user
 
     right = {"email": "New@Example.com", "current_password": PASSWORD}
     response = await client.patch(ME, json=right, headers=headers)
     assert response.status_code == 200
-    assert response.json() == ann | {"email": "new@example.com"}
+    assert response.json() == ann.user | {"email": "new@example.com"}
     assert (await client.get(ME, headers=headers)).json() == response.json()
 
 
 async def test_changing_the_password_ends_every_other_session(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn, log_in: LogIn
 ) -> None:
-    await sign_up(client, "ann@example.com")
-    this_session = await log_in(client, "ann@example.com")
-    other_session = await log_in(client, "ann@example.com")
+    this_session = ann.headers
+    other_session = await log_in("ann@example.com")
 
     missing = {"password": "new-s3cret"}
     assert (
@@ -197,20 +202,18 @@ async def test_changing_the_password_ends_every_other_session(
     assert (await client.get(ME, headers=other_session)).status_code == 401
     old = {"username": "ann@example.com", "password": PASSWORD}
     assert (await client.post("/auth/token", data=old)).status_code == 401
-    await log_in(client, "ann@example.com", "new-s3cret")
+    await log_in("ann@example.com", "new-s3cret")
 
 
 async def test_update_me_to_a_taken_email_returns_409(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn, sign_up: SignUp
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    await sign_up(client, "bob@example.com")
-    headers = await log_in(client, "ann@example.com")
+    await sign_up("bob@example.com")
     change = {"email": "BOB@example.com", "current_password": PASSWORD}
-    response = await client.patch(ME, json=change, headers=headers)
+    response = await client.patch(ME, json=change, headers=ann.headers)
     assert response.status_code == 409
     assert response.json() == {"detail": "Email already registered"}
-    assert (await client.get(ME, headers=headers)).json() == ann
+    assert (await client.get(ME, headers=ann.headers)).json() == ann.user
 
 
 @pytest.mark.parametrize(
@@ -226,53 +229,44 @@ async def test_update_me_to_a_taken_email_returns_409(
     ],
 )
 async def test_update_me_rejects_bad_values_with_422(
-    client: httpx.AsyncClient, body: dict[str, Any]
+    client: httpx.AsyncClient, ann: LoggedIn, body: dict[str, Any]
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    headers = await log_in(client, "ann@example.com")
-    response = await client.patch(ME, json=body, headers=headers)
+    response = await client.patch(ME, json=body, headers=ann.headers)
     assert response.status_code == 422
-    assert (await client.get(ME, headers=headers)).json() == ann
+    assert (await client.get(ME, headers=ann.headers)).json() == ann.user
 
 
 async def test_update_me_with_an_empty_body_changes_nothing(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    headers = await log_in(client, "ann@example.com")
-    response = await client.patch(ME, json={}, headers=headers)
+    response = await client.patch(ME, json={}, headers=ann.headers)
     assert response.status_code == 200
-    assert response.json() == ann
+    assert response.json() == ann.user
 
 
 async def test_delete_me_deletes_the_account_and_its_sessions(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn, sign_up: SignUp, log_in: LogIn
 ) -> None:
-    from db import Tokens
+    await sign_up("bob@example.com")
+    bob_headers = await log_in("bob@example.com")
 
-    ann = await sign_up(client, "ann@example.com")
-    await sign_up(client, "bob@example.com")
-    headers = await log_in(client, "ann@example.com")
-    bob_headers = await log_in(client, "bob@example.com")
-
-    response = await client.delete(ME, headers=headers)
+    response = await client.delete(ME, headers=ann.headers)
     assert response.status_code == 204
     assert response.content == b""
-    assert (await client.get(ME, headers=headers)).status_code == 401
-    assert await Tokens.objects.filter(user=ann["id"]).count() == 0
-    assert (
-        await client.get(user_url(ann["id"]), headers=bob_headers)
-    ).status_code == 404
+    assert (await client.get(ME, headers=ann.headers)).status_code == 401
+    assert await Tokens.objects.filter(user=ann.user["id"]).count() == 0
+    response = await client.get(user_url(ann.user["id"]), headers=bob_headers)
+    assert response.status_code == 404
     form = {"username": "ann@example.com", "password": PASSWORD}
     assert (await client.post("/auth/token", data=form)).status_code == 401
 
 
 async def test_no_response_contains_the_password_or_its_hash(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, sign_up: SignUp, log_in: LogIn
 ) -> None:
     password, new_password = "first-s3cret", "second-s3cret"
-    user = await sign_up(client, "ann@example.com", password)
-    headers = await log_in(client, "ann@example.com", password)
+    user = await sign_up("ann@example.com", password)
+    headers = await log_in("ann@example.com", password)
     change = {"password": new_password, "current_password": password}
     responses = [
         await client.get(USERS, headers=headers),
@@ -296,13 +290,13 @@ async def test_no_response_contains_the_password_or_its_hash(
     assert set(schemas["UserRead"]["properties"]) == {"id", "email", "is_active"}
 
 
-async def test_passwords_are_stored_as_argon2id_hashes(
-    client: httpx.AsyncClient,
-) -> None:
-    user = await sign_up(client, "ann@example.com", "first-s3cret")
+@pytest.mark.real_hashing
+async def test_passwords_are_stored_as_argon2id_hashes(sign_up: SignUp) -> None:
+    user = await sign_up("ann@example.com", "first-s3cret")
     stored = (await Users.objects.get(id=user["id"])).password
     assert stored.startswith("$argon2id$")
-    assert password_hash.verify("first-s3cret", stored)
+    assert main.password_hash.verify("first-s3cret", stored)
+    assert not main.password_hash.current_hasher.check_needs_rehash(stored)
 
 
 async def test_parallel_sign_ups_all_land(client: httpx.AsyncClient) -> None:
@@ -339,18 +333,19 @@ async def test_parallel_sign_ups_with_one_email_give_one_201_and_409s(
     assert await Users.objects.count() == 1
 
 
+@pytest.mark.real_hashing  # the hashes must be slow enough to block the loop
 async def test_other_requests_are_served_while_passwords_hash(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, sign_up: SignUp
 ) -> None:
     started = time.perf_counter()
-    await sign_up(client, "first@example.com")
+    await sign_up("first@example.com")
     one_sign_up = time.perf_counter() - started
 
     waits: list[float] = []
     async with anyio.create_task_group() as tasks:
         started = time.perf_counter()
         for i in range(8):
-            tasks.start_soon(sign_up, client, f"user{i}@example.com")
+            tasks.start_soon(sign_up, f"user{i}@example.com")
         await anyio.sleep(0)  # let the sign-ups start hashing
         for _ in range(5):
             assert (await client.get(HEALTH)).status_code == 200

@@ -1,23 +1,26 @@
 """Several app processes (`uvicorn --workers 2`) serve the API on one database."""
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 
-from conftest import PASSWORD, log_in, migrate, start_server
+from support import PASSWORD, StartServer
 
 
 @pytest.fixture
-def server_url(empty_database_url: str, tmp_path: Path) -> Iterator[str]:
-    """Migrate a new database once, then start two workers on it, as the README says."""
-    migrate(empty_database_url)
-    with start_server(
-        empty_database_url, tmp_path / "server.log", "--workers", "2"
-    ) as server:
+def server_url(migrated_url: str, start_server: StartServer) -> Iterator[str]:
+    """Two workers on a new migrated database, as the README says."""
+    with start_server(migrated_url, "--workers", "2") as server:
         yield server.url
+
+
+async def log_in(client: httpx.AsyncClient, email: str) -> dict[str, str]:
+    form = {"username": email, "password": PASSWORD}
+    response = await client.post("/auth/token", data=form)
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
 
 @pytest.mark.anyio
