@@ -9,6 +9,7 @@ that server and dropped at the end.
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -80,12 +81,19 @@ async def execute_autocommit(url: str, statement: str) -> None:
     await engine.dispose()
 
 
-def new_database(name: str) -> str:
-    """Create a PostgreSQL database on the test server; return its URL."""
-    url = make_url(TEST_DATABASE_URL)
+def new_database(name: str, template: str | None = None) -> str:
+    """Create a PostgreSQL database on the test server, empty or a copy of `template`;
+    return its URL."""
+    statement = f'CREATE DATABASE "{name}"'
+    if template:
+        statement += f' TEMPLATE "{template}"'
     server = make_url(os.environ["TEST_DATABASE_URL"]).render_as_string(False)
-    asyncio.run(execute_autocommit(server, f'CREATE DATABASE "{name}"'))
-    return url.set(database=name).render_as_string(hide_password=False)
+    asyncio.run(execute_autocommit(server, statement))
+    return make_url(TEST_DATABASE_URL).set(database=name).render_as_string(False)
+
+
+def sqlite_url(path: Path | str) -> str:
+    return make_url(TEST_DATABASE_URL).set(database=str(path)).render_as_string(False)
 
 
 def drop_database(name: str) -> None:
@@ -183,11 +191,10 @@ def sql() -> Callable[[str], Awaitable[None]]:
 @pytest.fixture
 def empty_database_url(tmp_path: Path) -> Iterator[str]:
     """The URL of a new, empty database of the same kind as the test database."""
-    url = make_url(TEST_DATABASE_URL)
     if not POSTGRESQL:
-        yield url.set(database=str(tmp_path / "empty.sqlite")).render_as_string(False)
+        yield sqlite_url(tmp_path / "empty.sqlite")
         return
-    name = f"{url.database}_{uuid.uuid4().hex[:12]}"  # a name its owner recognises
+    name = f"{make_url(TEST_DATABASE_URL).database}_{uuid.uuid4().hex[:12]}"
     try:
         yield new_database(name)
     finally:
@@ -231,11 +238,34 @@ def migrate_fixture() -> Callable[[str], None]:
     return migrate
 
 
+@pytest.fixture(scope="session")
+def template_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database migrated by `alembic upgrade head` once, to copy for each test."""
+    if not POSTGRESQL:
+        path = tmp_path_factory.mktemp("template") / "migrated.sqlite"
+        migrate(sqlite_url(path))
+        yield str(path)
+        return
+    name = f"{make_url(TEST_DATABASE_URL).database}_template"
+    try:
+        migrate(new_database(name))
+        yield name
+    finally:
+        drop_database(name)
+
+
 @pytest.fixture
-def migrated_url(empty_database_url: str) -> str:
-    """A new database at the newest revision, migrated by `alembic upgrade head`."""
-    migrate(empty_database_url)
-    return empty_database_url
+def migrated_url(template_url: str, tmp_path: Path) -> Iterator[str]:
+    """A new database at the newest revision: a copy of one `alembic upgrade head` made
+    (0.4 s of CPU saved per copy)."""
+    if not POSTGRESQL:
+        yield sqlite_url(shutil.copy(template_url, tmp_path / "migrated.sqlite"))
+        return
+    name = f"{make_url(TEST_DATABASE_URL).database}_{uuid.uuid4().hex[:12]}"
+    try:
+        yield new_database(name, template=template_url)
+    finally:
+        drop_database(name)
 
 
 @contextmanager
@@ -260,7 +290,7 @@ def running_server(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    server = Server(process, f"http://127.0.0.1:{port}", database_url, log_path)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -295,3 +325,26 @@ def start_server(tmp_path: Path) -> StartServer:
         )
 
     return start
+
+
+@pytest.fixture(scope="session")
+def shared_server(
+    template_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One `uvicorn main:app` on its own migrated database, for the tests that only
+    send it requests: started once (~1 s of CPU) instead of once per test. Tests that
+    use it are marked `xdist_group("shared_server")`, so that they share one worker."""
+    directory = tmp_path_factory.mktemp("shared_server")
+    name = f"{make_url(TEST_DATABASE_URL).database}_shared"
+    if POSTGRESQL:
+        database_url = new_database(name, template=template_url)
+    else:
+        database_url = sqlite_url(
+            shutil.copy(template_url, directory / "shared.sqlite")
+        )
+    try:
+        with running_server(database_url, directory / "server.log") as server:
+            yield server
+    finally:
+        if POSTGRESQL:
+            drop_database(name)

@@ -42,6 +42,7 @@ class Server:
 
     process: "subprocess.Popen[bytes]"
     url: str
+    database_url: str
     log_path: Path
 
     def log(self) -> str:

@@ -18,7 +18,7 @@ from sqlalchemy import make_url
 
 import main
 from db import DATABASE_URL, database
-from support import PASSWORD, LoggedIn, SignUp, StartServer
+from support import PASSWORD, LoggedIn, Server, SignUp
 
 pytestmark = pytest.mark.anyio
 
@@ -309,8 +309,9 @@ async def test_a_declared_length_over_the_limit_gets_413_unread(
     assert response.json() == {"detail": "Request body too large"}
 
 
+@pytest.mark.xdist_group("shared_server")
 def test_an_openapi_fuzzer_finds_no_undeclared_answer(
-    migrated_url: str, start_server: StartServer, tmp_path: Path
+    shared_server: Server, tmp_path: Path
 ) -> None:
     """schemathesis, driven by /openapi.json, against a real server.
 
@@ -319,30 +320,30 @@ def test_an_openapi_fuzzer_finds_no_undeclared_answer(
     `allow_header_conformance` (Starlette lists only one route's methods in a 405).
     `delete_me` and `log_out` would end the fuzzer's own session.
     """
-    with start_server(migrated_url) as server:
-        with httpx.Client(base_url=server.url) as client:
-            body = {"email": "fuzz@example.com", "password": PASSWORD}
-            assert client.post("/users", json=body).status_code == 201
-            form = {"username": "fuzz@example.com", "password": PASSWORD}
-            token = client.post("/auth/token", data=form).json()["access_token"]
-        command = [str(Path(sys.executable).with_name("st")), "run"]
-        command += [f"{server.url}/openapi.json", "--max-examples", "10"]
-        command += ["--header", f"Authorization: Bearer {token}", "--checks", "all"]
-        command += [
-            "--exclude-checks",
-            "positive_data_acceptance,allow_header_conformance",
-        ]
-        command += [
-            "--exclude-operation-id",
-            "delete_me",
-            "--exclude-operation-id",
-            "log_out",
-        ]
-        result = subprocess.run(
-            command, cwd=tmp_path, capture_output=True, text=True, timeout=600
-        )
-        assert result.returncode == 0, result.stdout[-6000:]
-        assert " 500 " not in server.log()
+    server = shared_server
+    with httpx.Client(base_url=server.url) as client:
+        body = {"email": "fuzz@example.com", "password": PASSWORD}
+        assert client.post("/users", json=body).status_code == 201
+        form = {"username": "fuzz@example.com", "password": PASSWORD}
+        token = client.post("/auth/token", data=form).json()["access_token"]
+    command = [str(Path(sys.executable).with_name("st")), "run"]
+    command += [f"{server.url}/openapi.json", "--max-examples", "10"]
+    command += ["--header", f"Authorization: Bearer {token}", "--checks", "all"]
+    command += [
+        "--exclude-checks",
+        "positive_data_acceptance,allow_header_conformance",
+    ]
+    command += [
+        "--exclude-operation-id",
+        "delete_me",
+        "--exclude-operation-id",
+        "log_out",
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert " 500 " not in server.log()
 
 
 def test_the_docs_authorize_button_logs_in_at_the_token_route() -> None:

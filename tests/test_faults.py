@@ -11,7 +11,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +31,6 @@ POSTGRESQL = make_url(DATABASE_URL).get_backend_name() == "postgresql"
 # Searched for in the server's output after each test: it must never be there.
 SECRET = "fault-Pw-9f3c2e71"
 UNAVAILABLE = '{"detail":"Service unavailable"}'
-
-
-@pytest.fixture
-def server(migrated_url: str, start_server: StartServer) -> Iterator[Server]:
-    """One uvicorn process on `migrated_url`, as `pipenv run serve` starts it."""
-    with start_server(migrated_url) as server:
-        yield server
 
 
 @dataclass
@@ -78,9 +72,10 @@ async def read_until(
 
 async def authenticate(client: httpx.AsyncClient) -> None:
     """Sign up a new user (with SECRET) and send its bearer token from now on."""
-    body = {"email": "ann@example.com", "password": SECRET}
+    email = f"ann-{uuid.uuid4().hex[:8]}@example.com"  # new on a shared server too
+    body = {"email": email, "password": SECRET}
     assert (await client.post("/users", json=body)).status_code == 201
-    form = {"username": "ann@example.com", "password": SECRET}
+    form = {"username": email, "password": SECRET}
     response = await client.post("/auth/token", data=form)
     assert response.status_code == 200
     client.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
@@ -96,7 +91,8 @@ def assert_unavailable(outcome: Outcome) -> None:
 
 
 def assert_clean_log(server: Server) -> None:
-    """No 500 in the access log, no 500 traceback, and never the password."""
+    """No 500 in the access log, no 500 traceback, and never the password (over the
+    whole log: on the shared server, the other tests' requests too)."""
     log = server.log()
     assert not re.search(r'HTTP/1\.1" 500', log), log
     assert "Exception in ASGI application" not in log, log
@@ -125,9 +121,11 @@ async def terminate_backends(database_url: str) -> int:
 @pytest.mark.skipif(
     not POSTGRESQL, reason="SQLite has no server whose connections can be killed"
 )
+@pytest.mark.xdist_group("shared_server")
 async def test_killed_connections_answer_503_then_recover_by_themselves(
-    server: Server, migrated_url: str
+    shared_server: Server,
 ) -> None:
+    server = shared_server
     # 16 clients read through the app's pool; every pooled connection is killed.
     outcomes: list[Outcome] = []
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
@@ -138,7 +136,7 @@ async def test_killed_connections_answer_503_then_recover_by_themselves(
                 tasks.start_soon(read_until, client, start + 4, outcomes)
             await anyio.sleep(1)
             killed_at = time.monotonic()
-            killed = await terminate_backends(migrated_url)
+            killed = await terminate_backends(server.database_url)
 
     failures = [outcome for outcome in outcomes if outcome.status != 200]
     for outcome in failures:
@@ -384,9 +382,12 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.xdist_group("shared_server")
 async def test_a_flood_of_oversized_bodies_gets_413_and_health_stays_fast(
-    server: Server,
+    shared_server: Server,
 ) -> None:
+    server = shared_server
+    log_before = len(server.log())  # the shared server's log so far
     outcomes: list[int | str] = []
     health: list[float] = []
     rss = [rss_kib(server.process.pid)]
@@ -435,7 +436,7 @@ async def test_a_flood_of_oversized_bodies_gets_413_and_health_stays_fast(
     # Every request is answered 413; httpx may see the hang-up instead, when the
     # server closed before the rest of the body was sent: its log shows the 413.
     assert all(outcome in (413, "ReadError", "WriteError") for outcome in outcomes)
-    assert server.log().count('"POST /users HTTP/1.1" 413') == 32
+    assert server.log()[log_before:].count('"POST /users HTTP/1.1" 413') == 32
     assert max(health) < 0.5
     assert max(rss) - rss[0] < 50 * 1024
     assert_clean_log(server)
