@@ -47,8 +47,7 @@ import pytest  # noqa: E402
 from alembic import command  # noqa: E402
 from alembic.config import Config  # noqa: E402
 from asgi_lifespan import LifespanManager  # noqa: E402
-from pwdlib import PasswordHash  # noqa: E402
-from pwdlib.hashers.argon2 import Argon2Hasher  # noqa: E402
+from cheap_hashing import CHEAP_DUMMY_HASH, CHEAP_HASH  # noqa: E402
 
 import main  # noqa: E402
 from db import Users  # noqa: E402
@@ -61,11 +60,6 @@ from support import (  # noqa: E402
     SignUp,
     StartServer,
 )
-
-# argon2 at the fastest setting it allows, for tests that are not about hashing: the
-# real one costs ~0.1 s of CPU a hash, which was most of the suite's time.
-CHEAP_HASH = PasswordHash([Argon2Hasher(time_cost=1, memory_cost=8, parallelism=1)])
-CHEAP_DUMMY_HASH = CHEAP_HASH.hash("dummy")
 
 
 def alembic_config() -> Config:
@@ -275,6 +269,7 @@ def running_server(
     *uvicorn_args: str,
     env: dict[str, str] | None = None,
     ready_path: str = "/health",
+    app: str = "main:app",
 ) -> Iterator[Server]:
     """Run `uvicorn main:app` on a database until it answers 200 on `ready_path`.
 
@@ -283,7 +278,7 @@ def running_server(
     port = free_port()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)]
+            [sys.executable, "-m", "uvicorn", app, "--port", str(port)]
             + list(uvicorn_args),
             cwd=PROJECT_DIR,
             env={**os.environ, **(env or {}), "DATABASE_URL": database_url},
@@ -331,9 +326,10 @@ def start_server(tmp_path: Path) -> StartServer:
 def shared_server(
     template_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    """One `uvicorn main:app` on its own migrated database, for the tests that only
-    send it requests: started once (~1 s of CPU) instead of once per test. Tests that
-    use it are marked `xdist_group("shared_server")`, so that they share one worker."""
+    """One uvicorn process on its own migrated database, for the tests that only send
+    it requests: started once (~1 s of CPU) instead of once per test. Tests that use it
+    are marked `xdist_group("shared_server")`, so that they share one worker. It hashes
+    cheaply (tests/cheap_server.py): no test of it is about hashing."""
     directory = tmp_path_factory.mktemp("shared_server")
     name = f"{make_url(TEST_DATABASE_URL).database}_shared"
     if POSTGRESQL:
@@ -343,7 +339,11 @@ def shared_server(
             shutil.copy(template_url, directory / "shared.sqlite")
         )
     try:
-        with running_server(database_url, directory / "server.log") as server:
+        log = directory / "server.log"
+        cheap = "cheap_server:app"
+        with running_server(
+            database_url, log, "--app-dir", "tests", app=cheap
+        ) as server:
             yield server
     finally:
         if POSTGRESQL:
