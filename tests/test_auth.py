@@ -15,8 +15,8 @@ from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
 import main
-from conftest import PASSWORD, PROJECT_DIR, log_in, sign_up
 from db import Tokens, Users
+from support import PASSWORD, PROJECT_DIR, LoggedIn, LogIn, SignUp
 
 pytestmark = pytest.mark.anyio
 
@@ -35,9 +35,9 @@ def bearer(headers: dict[str, str]) -> str:
 
 
 async def test_log_in_answers_a_bearer_token_kept_only_as_a_digest(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, sign_up: SignUp
 ) -> None:
-    user = await sign_up(client, "ann@example.com")
+    user = await sign_up("ann@example.com")
     response = await client.post(TOKEN, data=form("Ann@Example.com"))
     assert response.status_code == 200
     assert response.headers["cache-control"] == "no-store"
@@ -52,10 +52,10 @@ async def test_log_in_answers_a_bearer_token_kept_only_as_a_digest(
 
 
 async def test_unknown_email_wrong_password_and_inactive_get_one_401(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, sign_up: SignUp
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    await sign_up(client, "off@example.com")
+    ann = await sign_up("ann@example.com")
+    await sign_up("off@example.com")
     await Users.objects.filter(email="off@example.com").update(is_active=False)
 
     answers = [
@@ -72,12 +72,13 @@ async def test_unknown_email_wrong_password_and_inactive_get_one_401(
     assert (await Users.objects.get(id=ann["id"])).is_active
 
 
+@pytest.mark.real_hashing
 async def test_an_unknown_email_costs_a_real_password_check(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Timing without a clock: the dummy hash is what gets verified, and it is a real
     # hash of the current parameters (a malformed one would return at once).
-    await sign_up(client, "ann@example.com")
+    await sign_up("ann@example.com")
     checked: list[str] = []
     verify_and_update = main.password_hash.verify_and_update
 
@@ -97,14 +98,15 @@ async def test_an_unknown_email_costs_a_real_password_check(
     assert main.DUMMY_HASH.split("$")[:4] == stored.split("$")[:4]  # same parameters
 
 
+@pytest.mark.real_hashing
 async def test_log_in_upgrades_a_hash_made_with_older_parameters(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn, log_in: LogIn
 ) -> None:
-    user = await sign_up(client, "ann@example.com")
+    user = ann.user
     weak = PasswordHash([Argon2Hasher(time_cost=1, memory_cost=8192)]).hash(PASSWORD)
     await Users.objects.filter(id=user["id"]).update(password=weak)
 
-    await log_in(client, "ann@example.com")
+    await log_in("ann@example.com")
 
     stored = (await Users.objects.get(id=user["id"])).password
     assert stored != weak
@@ -112,13 +114,14 @@ async def test_log_in_upgrades_a_hash_made_with_older_parameters(
     assert main.password_hash.verify(PASSWORD, stored)
 
 
-async def test_every_bad_token_gets_the_same_401(client: httpx.AsyncClient) -> None:
-    await sign_up(client, "ann@example.com")
-    expired = bearer(await log_in(client, "ann@example.com"))
+async def test_every_bad_token_gets_the_same_401(
+    client: httpx.AsyncClient, ann: LoggedIn, log_in: LogIn
+) -> None:
+    expired = bearer(ann.headers)
     await Tokens.objects.filter(digest=main.token_digest(expired)).update(
         expires_at=datetime.now(UTC) - timedelta(seconds=1)
     )
-    revoked = await log_in(client, "ann@example.com")
+    revoked = await log_in("ann@example.com")
     assert (await client.delete(TOKEN, headers=revoked)).status_code == 204
 
     for authorization in [
@@ -141,11 +144,10 @@ async def test_every_bad_token_gets_the_same_401(client: httpx.AsyncClient) -> N
 
 
 async def test_log_out_ends_only_the_presented_token(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn, log_in: LogIn
 ) -> None:
-    await sign_up(client, "ann@example.com")
-    phone = await log_in(client, "ann@example.com")
-    laptop = await log_in(client, "ann@example.com")
+    phone = ann.headers
+    laptop = await log_in("ann@example.com")
 
     response = await client.delete(TOKEN, headers=phone)
     assert response.status_code == 204
@@ -154,27 +156,25 @@ async def test_log_out_ends_only_the_presented_token(
 
 
 async def test_an_inactive_accounts_tokens_stop_working(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn
 ) -> None:
-    user = await sign_up(client, "ann@example.com")
-    headers = await log_in(client, "ann@example.com")
-    await Users.objects.filter(id=user["id"]).update(is_active=False)
-    assert (await client.get(ME, headers=headers)).status_code == 401
+    await Users.objects.filter(id=ann.user["id"]).update(is_active=False)
+    assert (await client.get(ME, headers=ann.headers)).status_code == 401
 
-    await Users.objects.filter(id=user["id"]).update(is_active=True)
-    assert (await client.get(ME, headers=headers)).status_code == 200
+    await Users.objects.filter(id=ann.user["id"]).update(is_active=True)
+    assert (await client.get(ME, headers=ann.headers)).status_code == 200
 
 
 async def test_log_in_deletes_every_accounts_expired_tokens(
-    client: httpx.AsyncClient,
+    sign_up: SignUp, log_in: LogIn
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    bob = await sign_up(client, "bob@example.com")
+    ann = await sign_up("ann@example.com")
+    bob = await sign_up("bob@example.com")
     for user in (ann, bob):
-        await log_in(client, user["email"])
+        await log_in(user["email"])
     await Tokens.objects.update(each=True, expires_at=datetime.now(UTC))
 
-    await log_in(client, "ann@example.com")
+    await log_in("ann@example.com")
 
     # Bob may never log in again: his expired session goes too.
     assert await Tokens.objects.filter(user=ann["id"]).count() == 1
@@ -182,22 +182,22 @@ async def test_log_in_deletes_every_accounts_expired_tokens(
 
 
 async def test_tokens_expire_after_the_configured_lifetime(
-    client: httpx.AsyncClient,
+    sign_up: SignUp, log_in: LogIn
 ) -> None:
-    await sign_up(client, "ann@example.com")
+    await sign_up("ann@example.com")
     before = datetime.now(UTC)
-    await log_in(client, "ann@example.com")
+    await log_in("ann@example.com")
     [token] = await Tokens.objects.all()
     lifetime = token.expires_at - token.created_at
     assert lifetime == main.TOKEN_LIFETIME == timedelta(hours=24)
     assert token.created_at.replace(tzinfo=UTC) >= before - timedelta(seconds=1)
 
 
+@pytest.mark.real_hashing
 async def test_past_the_queue_bound_sign_up_and_log_in_answer_503_at_once(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, ann: LoggedIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await sign_up(client, "ann@example.com")
-    headers = await log_in(client, "ann@example.com")
+    headers = ann.headers
     monkeypatch.setattr(main, "HASHING_QUEUE", 2)
     limiter = main.hashing_limiter
     holders = [object() for _ in range(int(limiter.total_tokens))]
@@ -239,20 +239,22 @@ async def test_past_the_queue_bound_sign_up_and_log_in_answer_503_at_once(
     assert await Users.objects.filter(email="x@example.com").count() == 0
 
 
-def run_main(cpus: set[int], expression: str, **env: str) -> int:
-    """Evaluate `expression` after importing main in a process pinned to `cpus`."""
-    code = (
-        f"import os; os.sched_setaffinity(0, {cpus}); import main; print({expression})"
-    )
-    result = subprocess.run(
+def run_main(cpus: set[int], code: str, **env: str) -> "subprocess.Popen[str]":
+    """Run `code` after importing main in a process pinned to `cpus`."""
+    code = f"import os; os.sched_setaffinity(0, {cpus}); import main; {code}"
+    return subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=PROJECT_DIR,
         env={**os.environ, **env},
-        capture_output=True,
+        stdout=subprocess.PIPE,
         text=True,
-        check=True,
     )
-    return int(result.stdout)
+
+
+def printed(process: "subprocess.Popen[str]") -> list[int]:
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 0
+    return [int(line) for line in stdout.split()]
 
 
 def test_hashing_threads_follow_the_cpus_the_process_may_use() -> None:
@@ -260,11 +262,18 @@ def test_hashing_threads_follow_the_cpus_the_process_may_use() -> None:
     if len(available) < 2:
         pytest.skip("needs two CPUs to tell one from the other")
     one, two = set(available[:1]), set(available[:2])
-    assert run_main(one, "main.usable_cpus()") == 1
-    assert run_main(two, "main.usable_cpus()") == 2
+    # Two processes at once, not one per figure: each spends ~0.7 s importing main.
+    default = run_main(
+        two,
+        "print(main.HASHING_THREADS, main.usable_cpus());"
+        f" os.sched_setaffinity(0, {one}); print(main.usable_cpus())",
+    )
+    overridden = run_main(
+        two, "print(main.HASHING_THREADS)", PASSWORD_HASHING_THREADS="4"
+    )
     # One core stays with the event loop; a setting overrides the count.
-    assert run_main(two, "main.HASHING_THREADS") == 1
-    assert run_main(two, "main.HASHING_THREADS", PASSWORD_HASHING_THREADS="4") == 4
+    assert printed(default) == [1, 2, 1]
+    assert printed(overridden) == [4]
 
 
 async def test_no_password_in_any_log_line(

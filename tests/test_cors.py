@@ -1,11 +1,9 @@
 """Browser front ends: the origins in CORS_ORIGINS may call the API with a bearer token."""
 
-from pathlib import Path
-
 import httpx
 import pytest
 
-from conftest import PASSWORD, migrate, start_server
+from support import PASSWORD, StartServer
 
 pytestmark = pytest.mark.anyio
 
@@ -27,14 +25,11 @@ async def test_no_origin_is_allowed_by_default(client: httpx.AsyncClient) -> Non
 
 
 def test_a_listed_origin_calls_the_api_with_a_bearer_token(
-    empty_database_url: str, tmp_path: Path
+    migrated_url: str, start_server: StartServer
 ) -> None:
-    migrate(empty_database_url)
     origins = {"CORS_ORIGINS": f"{FRONT_END}, https://admin.example.com"}
     with (
-        start_server(
-            empty_database_url, tmp_path / "server.log", env=origins
-        ) as server,
+        start_server(migrated_url, env=origins) as server,
         httpx.Client(base_url=server.url) as client,
     ):
         allowed = client.options("/users/me", headers=preflight(FRONT_END))

@@ -10,9 +10,9 @@ import pytest
 import sqlalchemy
 from asgi_lifespan import LifespanManager
 
-from conftest import PROJECT_DIR, TEST_DATABASE_URL
 from db import Users, database
 from main import app
+from support import PROJECT_DIR
 
 pytestmark = pytest.mark.anyio
 
@@ -52,8 +52,10 @@ async def test_sqlite_is_set_up_for_concurrent_requests(
             assert await connection.scalar(sqlalchemy.text(f"PRAGMA {pragma}")) == value
 
 
-def test_the_sqlite_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
-    if not TEST_DATABASE_URL.startswith("sqlite"):
+def test_the_sqlite_files_are_readable_by_their_owner_only(
+    tmp_path: Path, test_database_url: str
+) -> None:
+    if not test_database_url.startswith("sqlite"):
         pytest.skip("PostgreSQL keeps its own files")
     env = {**os.environ, "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/app.sqlite"}
     alembic = [sys.executable, "-m", "alembic", "upgrade", "head"]

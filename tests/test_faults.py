@@ -11,7 +11,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,38 +22,15 @@ import pytest
 from sqlalchemy import make_url, pool, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from conftest import (
-    TEST_DATABASE_URL,
-    Server,
-    free_port,
-    log_in,
-    loopback,
-    migrate,
-    server_client_at,
-    sign_up,
-    start_server,
-)
+from db import DATABASE_URL
+from support import Server, StartServer, loopback, server_client_at
 
 pytestmark = pytest.mark.anyio
 
-POSTGRESQL = make_url(TEST_DATABASE_URL).get_backend_name() == "postgresql"
+POSTGRESQL = make_url(DATABASE_URL).get_backend_name() == "postgresql"
 # Searched for in the server's output after each test: it must never be there.
 SECRET = "fault-Pw-9f3c2e71"
 UNAVAILABLE = '{"detail":"Service unavailable"}'
-
-
-@pytest.fixture
-def migrated_url(empty_database_url: str) -> str:
-    """A new database at the newest revision, migrated by `alembic upgrade head`."""
-    migrate(empty_database_url)
-    return empty_database_url
-
-
-@pytest.fixture
-def server(migrated_url: str, tmp_path: Path) -> Iterator[Server]:
-    """One uvicorn process on `migrated_url`, as `pipenv run serve` starts it."""
-    with start_server(migrated_url, tmp_path / "server.log") as server:
-        yield server
 
 
 @dataclass
@@ -94,8 +72,13 @@ async def read_until(
 
 async def authenticate(client: httpx.AsyncClient) -> None:
     """Sign up a new user (with SECRET) and send its bearer token from now on."""
-    await sign_up(client, "ann@example.com", SECRET)
-    client.headers.update(await log_in(client, "ann@example.com", SECRET))
+    email = f"ann-{uuid.uuid4().hex[:8]}@example.com"  # new on a shared server too
+    body = {"email": email, "password": SECRET}
+    assert (await client.post("/users", json=body)).status_code == 201
+    form = {"username": email, "password": SECRET}
+    response = await client.post("/auth/token", data=form)
+    assert response.status_code == 200
+    client.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
 
 
 def assert_unavailable(outcome: Outcome) -> None:
@@ -108,7 +91,8 @@ def assert_unavailable(outcome: Outcome) -> None:
 
 
 def assert_clean_log(server: Server) -> None:
-    """No 500 in the access log, no 500 traceback, and never the password."""
+    """No 500 in the access log, no 500 traceback, and never the password (over the
+    whole log: on the shared server, the other tests' requests too)."""
     log = server.log()
     assert not re.search(r'HTTP/1\.1" 500', log), log
     assert "Exception in ASGI application" not in log, log
@@ -119,7 +103,7 @@ async def terminate_backends(database_url: str) -> int:
     """Kill every PostgreSQL connection to the database, as a failover or admin would."""
     name = make_url(database_url).database
     engine = create_async_engine(
-        TEST_DATABASE_URL, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool
+        database_url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool
     )
     async with engine.connect() as connection:
         result = await connection.execute(
@@ -137,9 +121,11 @@ async def terminate_backends(database_url: str) -> int:
 @pytest.mark.skipif(
     not POSTGRESQL, reason="SQLite has no server whose connections can be killed"
 )
+@pytest.mark.xdist_group("shared_server")
 async def test_killed_connections_answer_503_then_recover_by_themselves(
-    server: Server, migrated_url: str
+    shared_server: Server,
 ) -> None:
+    server = shared_server
     # 16 clients read through the app's pool; every pooled connection is killed.
     outcomes: list[Outcome] = []
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
@@ -150,7 +136,7 @@ async def test_killed_connections_answer_503_then_recover_by_themselves(
                 tasks.start_soon(read_until, client, start + 4, outcomes)
             await anyio.sleep(1)
             killed_at = time.monotonic()
-            killed = await terminate_backends(migrated_url)
+            killed = await terminate_backends(server.database_url)
 
     failures = [outcome for outcome in outcomes if outcome.status != 200]
     for outcome in failures:
@@ -174,9 +160,9 @@ class TcpProxy:
     is cut; start() again brings it back on the same port.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, listen_port: int) -> None:
         self.target = (host, port)
-        self.port = free_port()
+        self.port = listen_port
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -255,16 +241,15 @@ async def assert_outage_then_recovery(
 
 @pytest.mark.skipif(not POSTGRESQL, reason="SQLite has no server to lose")
 async def test_unreachable_postgresql_answers_503_then_recovers_by_itself(
-    migrated_url: str, tmp_path: Path
+    migrated_url: str, start_server: StartServer, free_port: Callable[[], int]
 ) -> None:
     url = make_url(migrated_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432, free_port())
     proxy.start()
     through_proxy = url.set(host="127.0.0.1", port=proxy.port)
     try:
         with start_server(
-            through_proxy.render_as_string(hide_password=False),
-            tmp_path / "server.log",
+            through_proxy.render_as_string(hide_password=False)
         ) as server:
             async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
                 await authenticate(client)
@@ -278,20 +263,18 @@ async def test_unreachable_postgresql_answers_503_then_recovers_by_itself(
 
 @pytest.mark.skipif(not POSTGRESQL, reason="SQLite has no server to lose")
 async def test_a_silent_postgresql_answers_503_within_the_connect_timeout(
-    tmp_path: Path,
+    test_database_url: str, start_server: StartServer
 ) -> None:
     # A server that accepts TCP and never answers (dropped packets, a hung host):
     # without db.py's connect timeout, asyncpg waits 60 s.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        url = make_url(TEST_DATABASE_URL).set(
+        url = make_url(test_database_url).set(
             host="127.0.0.1", port=silent.getsockname()[1]
         )
         with start_server(
-            url.render_as_string(hide_password=False),
-            tmp_path / "server.log",
-            ready_path="/openapi.json",
+            url.render_as_string(hide_password=False), ready_path="/openapi.json"
         ) as server:
             async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
                 outcome, seconds = await timed(client, "/health")
@@ -302,21 +285,19 @@ async def test_a_silent_postgresql_answers_503_within_the_connect_timeout(
 
 @pytest.mark.skipif(POSTGRESQL, reason="a PostgreSQL database is not a file")
 async def test_unopenable_sqlite_file_answers_503_then_recovers_by_itself(
-    tmp_path: Path,
+    tmp_path: Path, migrate: Callable[[str], None], start_server: StartServer
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
     url = f"sqlite+aiosqlite:///{data / 'app.sqlite'}"
     migrate(url)
-    with start_server(url, tmp_path / "first.log") as first:
+    with start_server(url) as first:
         async with httpx.AsyncClient(base_url=first.url) as client:
             await authenticate(client)
     # A connection already open keeps working on a moved file: a new process has none.
     # Running as root, chmod would not deny access; a missing directory does.
     data.rename(tmp_path / "moved")
-    with start_server(
-        url, tmp_path / "server.log", ready_path="/openapi.json"
-    ) as server:
+    with start_server(url, ready_path="/openapi.json") as server:
         # The lifespan does not open the database: the app starts without it.
         async with httpx.AsyncClient(
             base_url=server.url, headers=client.headers, timeout=10
@@ -329,7 +310,7 @@ async def test_unopenable_sqlite_file_answers_503_then_recovers_by_itself(
 
 
 async def test_sigterm_answers_every_accepted_sign_up_then_exits(
-    migrated_url: str, tmp_path: Path
+    migrated_url: str, start_server: StartServer
 ) -> None:
     # One hashing thread: 20 sign-ups of ~0.1 s each are still queued at the SIGTERM.
     outcomes: dict[int, int | str] = {}
@@ -341,9 +322,7 @@ async def test_sigterm_answers_every_accepted_sign_up_then_exits(
         except httpx.TransportError as error:
             outcomes[i] = type(error).__name__
 
-    with start_server(
-        migrated_url, tmp_path / "server.log", env={"PASSWORD_HASHING_THREADS": "1"}
-    ) as server:
+    with start_server(migrated_url, env={"PASSWORD_HASHING_THREADS": "1"}) as server:
         # A client (so a connection) per request: no keep-alive connection races the
         # shutdown. Made beforehand: each costs this process ~20 ms of CPU, and the
         # requests must all have reached the server before the SIGTERM. Each from an
@@ -404,9 +383,12 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.xdist_group("shared_server")
 async def test_a_flood_of_oversized_bodies_gets_413_and_health_stays_fast(
-    server: Server,
+    shared_server: Server,
 ) -> None:
+    server = shared_server
+    log_before = len(server.log())  # the shared server's log so far
     outcomes: list[int | str] = []
     health: list[float] = []
     rss = [rss_kib(server.process.pid)]
@@ -455,7 +437,7 @@ async def test_a_flood_of_oversized_bodies_gets_413_and_health_stays_fast(
     # Every request is answered 413; httpx may see the hang-up instead, when the
     # server closed before the rest of the body was sent: its log shows the 413.
     assert all(outcome in (413, "ReadError", "WriteError") for outcome in outcomes)
-    assert server.log().count('"POST /users HTTP/1.1" 413') == 32
+    assert server.log()[log_before:].count('"POST /users HTTP/1.1" 413') == 32
     assert max(health) < 0.5
     assert max(rss) - rss[0] < 50 * 1024
     assert_clean_log(server)

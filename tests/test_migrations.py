@@ -22,7 +22,7 @@ from pytest_alembic.tests import (  # noqa: F401
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from conftest import PROJECT_DIR
+from support import PROJECT_DIR
 
 # The seed's newest revision: users add theirs on top, so the seed's schema is
 # checked here, not at head.

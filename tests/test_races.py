@@ -1,16 +1,19 @@
 """Requests that race: each write that follows a password check holds only if the
 account is still what was checked. Every race is run many times in one test.
 
-A request's window is the password hash (~0.1 s) between reading the account and
-writing: `hold` keeps a request in it, right after its password check, until the test
-has done what the other request does, so that each try meets the race.
+A request's window is the password hash (~0.1 s as deployed) between reading the
+account and writing: `hold` keeps a request in it, right after its password check,
+until the test has done what the other request does, so that each try meets the race.
+That needs no slow hash: the in-process tests hash cheaply (conftest's cheap_hashing).
 """
 
+import functools
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
@@ -18,21 +21,36 @@ import httpx
 import pytest
 import sqlalchemy
 from anyio.abc import TaskGroup
+from pwdlib import PasswordHash
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import main
-from conftest import PASSWORD, TEST_DATABASE_URL, migrate, sign_up, start_server
-from db import Tokens, Users, database
+from db import DATABASE_URL, Tokens, Users, database
+from support import (
+    PASSWORD,
+    Server,
+    SignUp,
+    StartServer,
+    loopback,
+    server_client_at,
+)
 
 pytestmark = pytest.mark.anyio
 
 TOKEN = main.app.url_path_for("log_in")
 ME = main.app.url_path_for("read_me")
 USERS = main.app.url_path_for("create_user")
-# Hashes of PASSWORD for the accounts the tests create directly (hashing is slow on
-# purpose). Sign-up salts each hash: an account created after another gets the other.
-STORED_HASH, NEXT_ACCOUNTS_HASH = (main.password_hash.hash(PASSWORD) for _ in "ab")
 T = TypeVar("T")
+
+
+@functools.cache
+def hashes_of_password(hasher: PasswordHash) -> tuple[str, str]:
+    """Two hashes of PASSWORD, for the accounts the tests create directly (one hash
+    saved per account), made by `hasher`: main's active one, so that they verify at
+    its cost and need no rehash at log-in. Sign-up salts each hash: an account created
+    after another gets the other."""
+    first, following = (hasher.hash(PASSWORD) for _ in "ab")
+    return first, following
 
 
 @dataclass
@@ -128,8 +146,10 @@ async def reached(*requests: Held) -> None:
             await request.reached.wait()
 
 
-async def account(email: str, stored_hash: str = STORED_HASH) -> Users:
-    """An account with PASSWORD, created directly (one hash saved per account)."""
+async def account(email: str, following: bool = False) -> Users:
+    """An account with PASSWORD, created directly; `following`: right after another,
+    which has the first of the two hashes."""
+    stored_hash = hashes_of_password(main.password_hash)[following]
     return await Users.objects.create(email=email, password=stored_hash)
 
 
@@ -180,7 +200,7 @@ async def test_a_log_in_whose_account_is_deleted_meanwhile_starts_no_session(
                 stale.released.set()
             assert (await delete_me(client, ann_session)).status_code == 204
             # On SQLite without AUTOINCREMENT, Bob would get Ann's id back.
-            bob = await account(f"bob{i}@example.com", NEXT_ACCOUNTS_HASH)
+            bob = await account(f"bob{i}@example.com", following=True)
             bob_session = await session(bob.id)
             stale.released.set()
 
@@ -209,7 +229,7 @@ async def test_a_change_whose_account_is_deleted_meanwhile_gets_401(
             await reached(stale)
             assert (await delete_me(client, ann_sessions[1])).status_code == 204
             # Ann's id again on SQLite without AUTOINCREMENT.
-            bob = await account(f"bob{i}@example.com", NEXT_ACCOUNTS_HASH)
+            bob = await account(f"bob{i}@example.com", following=True)
             bob_session = await session(bob.id)
             stale.released.set()
 
@@ -254,7 +274,7 @@ async def waiting_for_a_lock(engine: AsyncEngine) -> bool:
 
 
 @pytest.mark.skipif(
-    TEST_DATABASE_URL.startswith("sqlite"),
+    DATABASE_URL.startswith("sqlite"),
     reason="SQLite has one writer at a time: no log-in writes during another's",
 )
 async def test_a_log_in_during_a_password_changes_commit_starts_no_session(
@@ -263,7 +283,7 @@ async def test_a_log_in_during_a_password_changes_commit_starts_no_session(
     # The change has written the new hash and ended the other sessions, and not yet
     # committed: a log-in that checked the old password must wait for the commit.
     monkeypatch.setattr(main, "database", CommitHoldingDatabase())
-    engine = create_async_engine(TEST_DATABASE_URL, poolclass=sqlalchemy.NullPool)
+    engine = create_async_engine(DATABASE_URL, poolclass=sqlalchemy.NullPool)
     body = {"password": "n" * 9, "current_password": PASSWORD}
     for i in range(8):
         ann = await account(f"ann{i}@example.com")
@@ -325,36 +345,79 @@ async def test_of_two_password_changes_at_once_one_wins_the_other_gets_409(
         await Users.objects.delete(each=True)
 
 
-async def test_a_new_account_never_gets_a_deleted_ones_id(
-    client: httpx.AsyncClient,
-) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    newest = await sign_up(client, "bob@example.com")
+async def test_a_new_account_never_gets_a_deleted_ones_id(sign_up: SignUp) -> None:
+    ann = await sign_up("ann@example.com")
+    newest = await sign_up("bob@example.com")
     await Users.objects.delete(id=newest["id"])
-    assert (await sign_up(client, "cat@example.com"))["id"] > newest["id"] > ann["id"]
+    assert (await sign_up("cat@example.com"))["id"] > newest["id"] > ann["id"]
 
 
 @pytest.fixture
-def server_url(empty_database_url: str, tmp_path: Path) -> Iterator[str]:
-    """A uvicorn process with one hashing thread: hashes are checked in arrival order."""
-    migrate(empty_database_url)
+def one_hashing_thread(
+    migrated_url: str, start_server: StartServer
+) -> Iterator[Server]:
+    """A uvicorn process with one hashing thread: hashes are checked in arrival order.
+
+    `main:app`, hashing as deployed: each check lasts long enough for the requests
+    queued behind it to read their accounts meanwhile.
+    """
     threads = {"PASSWORD_HASHING_THREADS": "1"}
-    with start_server(
-        empty_database_url, tmp_path / "server.log", env=threads
-    ) as server:
-        yield server.url
+    with start_server(migrated_url, env=threads) as server:
+        yield server
         assert "Traceback" not in server.log()
 
 
+async def accounts_with_sessions(
+    database_url: str, emails: list[str]
+) -> list[dict[str, str]]:
+    """Accounts with PASSWORD hashed as deployed, and a session of each (its headers),
+    written straight to a server's database: a sign-up and a log-in each would be 12
+    hashes of ~0.13 s on its one hashing thread before the race."""
+    stored_hash = PasswordHash.recommended().hash(PASSWORD)  # main's own setting
+    users, tokens = Users.ormar_config.table, Tokens.ormar_config.table
+    issued = [secrets.token_urlsafe(32) for _ in emails]
+    now = datetime.now(UTC)
+    engine = create_async_engine(database_url, poolclass=sqlalchemy.NullPool)
+    try:
+        async with engine.begin() as connection:
+            for email, token in zip(emails, issued, strict=True):
+                account = {"email": email, "password": stored_hash, "is_active": True}
+                user_id = await connection.scalar(
+                    users.insert().values(account).returning(users.c.id)
+                )
+                session = {
+                    "user_id": user_id,
+                    "digest": main.token_digest(token),
+                    "created_at": now,
+                    "expires_at": now + main.TOKEN_LIFETIME,
+                }
+                await connection.execute(tokens.insert().values(session))
+    finally:
+        await engine.dispose()
+    return [{"Authorization": f"Bearer {token}"} for token in issued]
+
+
 async def test_log_ins_racing_their_accounts_deletion_never_get_a_500(
-    server_url: str,
+    one_hashing_thread: Server,
 ) -> None:
+    server = one_hashing_thread
     emails = [f"user{i}@example.com" for i in range(6)]
-    async with httpx.AsyncClient(base_url=server_url, timeout=60) as client:
-        async with anyio.create_task_group() as tasks:
-            for email in emails:
-                tasks.start_soon(sign_up, client, email)
-        headers = {email: await session_of(client, email) for email in emails}
+    headers = await accounts_with_sessions(server.database_url, emails)
+    # An address per account (its deletion and its log-in): twelve hashes at once
+    # from one address would pass its share of the hashing queue, a 429.
+    async with AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                server_client_at(server.url, loopback(i), timeout=60)
+            )
+            for i in range(len(emails))
+        ]
+        # Each account's session still works: the rows are what a log-in writes.
+        for client, session_headers, email in zip(
+            clients, headers, emails, strict=True
+        ):
+            me = await client.get(ME, headers=session_headers)
+            assert me.json()["email"] == email
         deletions: list[httpx.Response] = []
         log_ins: list[httpx.Response] = []
 
@@ -366,9 +429,9 @@ async def test_log_ins_racing_their_accounts_deletion_never_get_a_500(
         # Each log-in reads its account while the deletions wait for the hashing
         # thread, and checks its password after all of them: the account is gone.
         async with anyio.create_task_group() as tasks:
-            for email in emails:
-                tasks.start_soon(send, deletions, delete_me(client, headers[email]))
-            for email in emails:
+            for client, session_headers in zip(clients, headers, strict=True):
+                tasks.start_soon(send, deletions, delete_me(client, session_headers))
+            for client, email in zip(clients, emails, strict=True):
                 tasks.start_soon(send, log_ins, client.post(TOKEN, data=form(email)))
 
         assert [response.status_code for response in deletions] == [204] * 6
@@ -376,7 +439,7 @@ async def test_log_ins_racing_their_accounts_deletion_never_get_a_500(
         for response in log_ins:  # a log-in that came first lost its session
             if response.status_code == 200:
                 assert (
-                    await client.get(ME, headers=issued(response))
+                    await clients[0].get(ME, headers=issued(response))
                 ).status_code == 401
 
 
@@ -391,7 +454,7 @@ async def test_past_the_session_bound_a_log_in_ends_the_oldest_session(
 ) -> None:
     monkeypatch.setattr(main, "SESSIONS_PER_USER", 3)
     await account("ann@example.com")
-    bob = await session((await account("bob@example.com", NEXT_ACCOUNTS_HASH)).id)
+    bob = await session((await account("bob@example.com", following=True)).id)
     anns = [await session_of(client, "ann@example.com") for _ in range(4)]
     statuses = [(await client.get(ME, headers=headers)).status_code for headers in anns]
     assert statuses == [401, 200, 200, 200]

@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import make_url, pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from conftest import PROJECT_DIR, TEST_DATABASE_URL
 from db import async_url
+from support import PROJECT_DIR
 
 
 @pytest.mark.parametrize(
@@ -73,9 +73,9 @@ def test_an_unknown_driver_fails_at_import_with_one_line() -> None:
     assert "secret" not in result.stderr
 
 
-def test_the_sync_form_of_the_test_database_connects() -> None:
+def test_the_sync_form_of_the_test_database_connects(test_database_url: str) -> None:
     """What a platform would hand out for the test database works once mapped."""
-    url = make_url(TEST_DATABASE_URL)
+    url = make_url(test_database_url)
     url = url.set(drivername=url.get_backend_name())  # postgresql://, sqlite://
     if url.get_backend_name() == "postgresql":
         # The test servers have no TLS; "require" would be refused, as it should be.

@@ -8,33 +8,40 @@ addresses (127.0.0.2 up), which uvicorn reports as other clients.
 
 import asyncio
 import re
+import shutil
 import signal
 import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from conftest import (
+    POSTGRESQL,
+    drop_database,
+    new_database,
+    running_server,
+    sqlite_url,
+)
 from fastapi import HTTPException
+from sqlalchemy import make_url
 
 import main
-from conftest import (
+from db import DATABASE_URL, LogInAttempts
+from support import (
     PASSWORD,
     PROJECT_DIR,
+    ClientAt,
     Server,
-    client_at,
-    migrate,
-    new_database,
+    SignUp,
+    StartServer,
     server_client_at,
-    sign_up,
-    start_server,
+    sign_up_on,
 )
-from db import LogInAttempts
 
 pytestmark = pytest.mark.anyio
 
@@ -59,9 +66,9 @@ def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("no_pause")
 async def test_past_ten_wrong_passwords_log_ins_answer_429_without_hashing(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await sign_up(client, "ann@example.com")
+    await sign_up("ann@example.com")
     for _ in range(10):
         response = await client.post(TOKEN, data=form("ann@example.com"))
         assert response.status_code == 401
@@ -82,9 +89,9 @@ async def test_past_ten_wrong_passwords_log_ins_answer_429_without_hashing(
 
 @pytest.mark.usefixtures("no_pause")
 async def test_an_unknown_email_is_throttled_exactly_like_a_real_one(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, sign_up: SignUp
 ) -> None:
-    await sign_up(client, "ann@example.com")
+    await sign_up("ann@example.com")
     answers: dict[str, list[tuple[int, str, str | None]]] = {}
     for email in ("ann@example.com", "nobody@example.com"):
         answers[email] = []
@@ -103,10 +110,10 @@ async def test_an_unknown_email_is_throttled_exactly_like_a_real_one(
 
 @pytest.mark.usefixtures("no_pause")
 async def test_a_right_password_within_the_allowance_starts_the_count_again(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(main, "LOG_IN_ATTEMPTS", 3)  # the setting, and fewer hashes
-    await sign_up(client, "ann@example.com")
+    await sign_up("ann@example.com")
     statuses = []
     for password in [WRONG, WRONG, PASSWORD, WRONG, WRONG, WRONG, WRONG]:
         response = await client.post(TOKEN, data=form("ann@example.com", password))
@@ -116,10 +123,10 @@ async def test_a_right_password_within_the_allowance_starts_the_count_again(
 
 @pytest.mark.usefixtures("no_pause")
 async def test_a_count_ends_a_period_after_its_last_log_in_and_its_row_goes(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(main, "LOG_IN_ATTEMPTS", 1)
-    await sign_up(client, "ann@example.com")
+    await sign_up("ann@example.com")
     assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 401
     assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 429
     # Someone else's count, over long ago: the table keeps no stale rows.
@@ -153,7 +160,7 @@ async def test_concurrent_guesses_get_no_more_than_the_allowance_through(
 
 
 async def test_one_address_past_its_share_of_the_queue_gets_429_others_do_not(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, client_at: ClientAt
 ) -> None:
     limiter = main.hashing_limiter
     holders = [object() for _ in range(int(limiter.total_tokens))]
@@ -201,27 +208,39 @@ async def test_one_address_past_its_share_of_the_queue_gets_429_others_do_not(
 
 
 @pytest.fixture(scope="module")
-def migrated_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with new_database(tmp_path_factory.mktemp("throttle")) as url:
-        migrate(url)
-        yield url
-
-
-@pytest.fixture(scope="module")
 def server(
-    migrated_url: str, tmp_path_factory: pytest.TempPathFactory
+    template_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    """One server for the tests below, each with accounts and addresses of its own."""
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with start_server(migrated_url, log, *SERVE_OPTIONS) as server:
-        yield server
+    """One server for the tests below, each with accounts and addresses of its own,
+    on a migrated database of its own. `uvicorn main:app`: it hashes as deployed, which
+    the flood is about. Its tests share one worker (xdist_group "throttle_server")."""
+    directory = tmp_path_factory.mktemp("throttle")
+    name = f"{make_url(DATABASE_URL).database}_throttle"
+    if POSTGRESQL:
+        database_url = new_database(name, template=template_url)
+    else:
+        database_url = sqlite_url(
+            shutil.copy(template_url, directory / "throttle.sqlite")
+        )
+    try:
+        with running_server(
+            database_url, directory / "server.log", *SERVE_OPTIONS
+        ) as server:
+            yield server
+    finally:
+        if POSTGRESQL:
+            drop_database(name)
 
 
+on_the_module_server = pytest.mark.xdist_group("throttle_server")
+
+
+@on_the_module_server
 async def test_the_owner_logs_in_from_another_address_while_one_is_throttled(
     server: Server,
 ) -> None:
     async with server_client_at(server.url, "127.0.0.2") as stranger:
-        await sign_up(stranger, "owner@example.com")
+        await sign_up_on(stranger, "owner@example.com")
         statuses = [
             (await stranger.post(TOKEN, data=form("owner@example.com"))).status_code
             for _ in range(11)
@@ -233,15 +252,14 @@ async def test_the_owner_logs_in_from_another_address_while_one_is_throttled(
     assert statuses == [401] * 10 + [429]
 
 
+@on_the_module_server
 async def test_two_workers_and_another_machine_enforce_one_bound(
-    migrated_url: str, server: Server, tmp_path: Path
+    server: Server, start_server: StartServer
 ) -> None:
     # The module's server plays a second machine on the same database.
-    with start_server(
-        migrated_url, tmp_path / "workers.log", *SERVE_OPTIONS, "--workers", "2"
-    ) as workers:
+    with start_server(server.database_url, *SERVE_OPTIONS, "--workers", "2") as workers:
         async with server_client_at(workers.url, "127.0.0.4") as client:
-            await sign_up(client, "bea@example.com")
+            await sign_up_on(client, "bea@example.com")
         statuses: list[int] = []
 
         async def guess(url: str) -> None:
@@ -319,6 +337,7 @@ async def timed_statuses(
     return outcomes
 
 
+@on_the_module_server
 async def test_a_flood_from_one_address_leaves_others_their_log_ins_and_sign_ups(
     server: Server,
 ) -> None:
@@ -327,7 +346,7 @@ async def test_a_flood_from_one_address_leaves_others_their_log_ins_and_sign_ups
         server_client_at(server.url, "127.0.0.6") as ann,
         server_client_at(server.url, "127.0.0.7") as bob,
     ):
-        await sign_up(ann, "cay@example.com")
+        await sign_up_on(ann, "cay@example.com")
         log_ins: Requests = [(TOKEN, {"data": form("cay@example.com", PASSWORD)})] * 10
         sign_ups: Requests = [
             ("/users", {"json": {"email": f"dee{i}@example.com", "password": PASSWORD}})
@@ -368,6 +387,7 @@ async def send_head(url: str, head: bytes) -> tuple[bytes, float]:
     return status_line, time.monotonic() - sent
 
 
+@on_the_module_server
 async def test_a_header_past_16_kib_is_refused_at_once(server: Server) -> None:
     def head(token_size: int) -> bytes:
         token = b"a" * token_size
@@ -396,12 +416,12 @@ def test_the_tested_options_are_the_documented_ones() -> None:
 
 
 async def test_a_stalled_upload_delays_the_shutdown_by_the_timeout_at_most(
-    migrated_url: str, tmp_path: Path
+    migrated_url: str, start_server: StartServer
 ) -> None:
     timeout = float(
         SERVE_OPTIONS[SERVE_OPTIONS.index("--timeout-graceful-shutdown") + 1]
     )
-    with start_server(migrated_url, tmp_path / "server.log", *SERVE_OPTIONS) as server:
+    with start_server(migrated_url, *SERVE_OPTIONS) as server:
         host, port = server.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as stalled:
             # A sign-up whose body never comes: the app waits for it.

@@ -7,9 +7,18 @@ import anyio
 import httpx
 import pytest
 
-from conftest import PASSWORD, client_at, log_in, loopback, sign_up
-from db import Users
-from main import app, password_hash
+import main
+from db import Tokens, Users
+from main import app
+from support import (
+    PASSWORD,
+    ClientAt,
+    LoggedIn,
+    LogIn,
+    SignUp,
+    loopback,
+    sign_up_on,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -19,7 +28,7 @@ HEALTH = app.url_path_for("health")
 
 
 async def test_sign_up_returns_201_with_the_public_fields(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, log_in: LogIn
 ) -> None:
     response = await client.post(
         USERS, json={"email": "ann@example.com", "password": PASSWORD}
@@ -27,12 +36,14 @@ async def test_sign_up_returns_201_with_the_public_fields(
     assert response.status_code == 201
     body = response.json()
     assert body == {"id": body["id"], "email": "ann@example.com", "is_active": True}
-    headers = await log_in(client, "ann@example.com")
+    headers = await log_in("ann@example.com")
     assert (await client.get(ME, headers=headers)).json() == body
 
 
-async def test_sign_up_normalises_the_email(client: httpx.AsyncClient) -> None:
-    user = await sign_up(client, "Alice@Example.COM")
+async def test_sign_up_normalises_the_email(
+    client: httpx.AsyncClient, sign_up: SignUp
+) -> None:
+    user = await sign_up("Alice@Example.COM")
     assert user["email"] == "alice@example.com"
     response = await client.post(
         USERS, json={"email": "alice@example.com", "password": "other-pass"}
@@ -61,8 +72,10 @@ async def test_sign_up_rejects_bad_bodies_with_422(
     assert await Users.objects.count() == 0
 
 
-async def test_sign_up_ignores_a_client_sent_id(client: httpx.AsyncClient) -> None:
-    first = await sign_up(client, "first@example.com")
+async def test_sign_up_ignores_a_client_sent_id(
+    client: httpx.AsyncClient, sign_up: SignUp
+) -> None:
+    first = await sign_up("first@example.com")
     response = await client.post(
         USERS,
         json={"id": first["id"], "email": "second@example.com", "password": PASSWORD},
@@ -72,33 +85,32 @@ async def test_sign_up_ignores_a_client_sent_id(client: httpx.AsyncClient) -> No
 
 
 async def test_reading_your_account_needs_a_log_in(client: httpx.AsyncClient) -> None:
-    await sign_up(client, "ann@example.com")
     response = await client.get(ME)
     assert response.status_code == 401
     assert response.json() == {"detail": "Not authenticated"}
 
 
 async def test_no_route_shows_or_changes_another_account(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn, sign_up: SignUp, log_in: LogIn
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    await sign_up(client, "bob@example.com")
-    headers = await log_in(client, "bob@example.com")
-    assert (await client.get(USERS, headers=headers)).status_code == 405
+    await sign_up("bob@example.com")
+    bob = await log_in("bob@example.com")
+    assert (await client.get(USERS, headers=bob)).status_code == 405
     for method in ("GET", "PATCH", "DELETE"):
-        response = await client.request(method, f"{USERS}/{ann['id']}", headers=headers)
+        url = f"{USERS}/{ann.user['id']}"
+        response = await client.request(method, url, headers=bob)
         assert response.status_code == 404
         assert "ann@example.com" not in response.text
     assert await Users.objects.filter(email="ann@example.com").exists()
 
 
 async def test_users_me_is_the_callers_own_account(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, sign_up: SignUp, log_in: LogIn
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    bob = await sign_up(client, "bob@example.com")
-    ann_headers = await log_in(client, "ann@example.com")
-    bob_headers = await log_in(client, "bob@example.com")
+    ann = await sign_up("ann@example.com")
+    bob = await sign_up("bob@example.com")
+    ann_headers = await log_in("ann@example.com")
+    bob_headers = await log_in("bob@example.com")
     assert (await client.get(ME, headers=ann_headers)).json() == ann
     assert (await client.get(ME, headers=bob_headers)).json() == bob
 
@@ -109,10 +121,9 @@ async def test_users_me_is_the_callers_own_account(
 
 
 async def test_changing_the_email_needs_the_current_password(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    headers = await log_in(client, "ann@example.com")
+    headers = ann.headers
 
     missing = await client.patch(ME, json={"email": "x@example.com"}, headers=headers)
     assert missing.status_code == 422
@@ -120,21 +131,20 @@ async def test_changing_the_email_needs_the_current_password(
     response = await client.patch(ME, json=wrong, headers=headers)
     assert response.status_code == 403
     assert response.json() == {"detail": "Wrong current password"}
-    assert (await client.get(ME, headers=headers)).json() == ann
+    assert (await client.get(ME, headers=headers)).json() == ann.user
 
     right = {"email": "New@Example.com", "current_password": PASSWORD}
     response = await client.patch(ME, json=right, headers=headers)
     assert response.status_code == 200
-    assert response.json() == ann | {"email": "new@example.com"}
+    assert response.json() == ann.user | {"email": "new@example.com"}
     assert (await client.get(ME, headers=headers)).json() == response.json()
 
 
 async def test_changing_the_password_ends_every_other_session(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn, log_in: LogIn
 ) -> None:
-    await sign_up(client, "ann@example.com")
-    this_session = await log_in(client, "ann@example.com")
-    other_session = await log_in(client, "ann@example.com")
+    this_session = ann.headers
+    other_session = await log_in("ann@example.com")
 
     missing = {"password": "new-s3cret"}
     assert (
@@ -148,20 +158,18 @@ async def test_changing_the_password_ends_every_other_session(
     assert (await client.get(ME, headers=other_session)).status_code == 401
     old = {"username": "ann@example.com", "password": PASSWORD}
     assert (await client.post("/auth/token", data=old)).status_code == 401
-    await log_in(client, "ann@example.com", "new-s3cret")
+    await log_in("ann@example.com", "new-s3cret")
 
 
 async def test_update_me_to_a_taken_email_returns_409(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn, sign_up: SignUp
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    await sign_up(client, "bob@example.com")
-    headers = await log_in(client, "ann@example.com")
+    await sign_up("bob@example.com")
     change = {"email": "BOB@example.com", "current_password": PASSWORD}
-    response = await client.patch(ME, json=change, headers=headers)
+    response = await client.patch(ME, json=change, headers=ann.headers)
     assert response.status_code == 409
     assert response.json() == {"detail": "Email already registered"}
-    assert (await client.get(ME, headers=headers)).json() == ann
+    assert (await client.get(ME, headers=ann.headers)).json() == ann.user
 
 
 @pytest.mark.parametrize(
@@ -175,13 +183,11 @@ async def test_update_me_to_a_taken_email_returns_409(
     ],
 )
 async def test_update_me_rejects_bad_values_with_422(
-    client: httpx.AsyncClient, body: dict[str, Any]
+    client: httpx.AsyncClient, ann: LoggedIn, body: dict[str, Any]
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    headers = await log_in(client, "ann@example.com")
-    response = await client.patch(ME, json=body, headers=headers)
+    response = await client.patch(ME, json=body, headers=ann.headers)
     assert response.status_code == 422
-    assert (await client.get(ME, headers=headers)).json() == ann
+    assert (await client.get(ME, headers=ann.headers)).json() == ann.user
 
 
 @pytest.mark.parametrize(
@@ -194,44 +200,38 @@ async def test_update_me_rejects_bad_values_with_422(
     ],
 )
 async def test_update_me_without_values_changes_nothing(
-    client: httpx.AsyncClient, body: dict[str, Any]
+    client: httpx.AsyncClient, ann: LoggedIn, log_in: LogIn, body: dict[str, Any]
 ) -> None:
-    ann = await sign_up(client, "ann@example.com")
-    headers = await log_in(client, "ann@example.com")
-    response = await client.patch(ME, json=body, headers=headers)
+    response = await client.patch(ME, json=body, headers=ann.headers)
     assert response.status_code == 200
-    assert response.json() == ann
-    await log_in(client, "ann@example.com")
+    assert response.json() == ann.user
+    await log_in("ann@example.com")  # the password is unchanged
 
 
 async def test_delete_me_deletes_the_account_and_its_sessions(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, ann: LoggedIn, sign_up: SignUp, log_in: LogIn
 ) -> None:
-    from db import Tokens
-
-    ann = await sign_up(client, "ann@example.com")
-    await sign_up(client, "bob@example.com")
-    headers = await log_in(client, "ann@example.com")
-    bob_headers = await log_in(client, "bob@example.com")
+    await sign_up("bob@example.com")
+    bob_headers = await log_in("bob@example.com")
 
     right = {"current_password": PASSWORD}
-    response = await client.request("DELETE", ME, json=right, headers=headers)
+    response = await client.request("DELETE", ME, json=right, headers=ann.headers)
     assert response.status_code == 204
     assert response.content == b""
-    assert (await client.get(ME, headers=headers)).status_code == 401
-    assert await Tokens.objects.filter(user=ann["id"]).count() == 0
-    assert not await Users.objects.filter(id=ann["id"]).exists()
+    assert (await client.get(ME, headers=ann.headers)).status_code == 401
+    assert await Tokens.objects.filter(user=ann.user["id"]).count() == 0
+    assert not await Users.objects.filter(id=ann.user["id"]).exists()
     assert (await client.get(ME, headers=bob_headers)).status_code == 200
     form = {"username": "ann@example.com", "password": PASSWORD}
     assert (await client.post("/auth/token", data=form)).status_code == 401
 
 
 async def test_no_response_contains_the_password_or_its_hash(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, sign_up: SignUp, log_in: LogIn
 ) -> None:
     password, new_password = "first-s3cret", "second-s3cret"
-    await sign_up(client, "ann@example.com", password)
-    headers = await log_in(client, "ann@example.com", password)
+    await sign_up("ann@example.com", password)
+    headers = await log_in("ann@example.com", password)
     change = {"password": new_password, "current_password": password}
     responses = [
         await client.get(ME, headers=headers),
@@ -259,16 +259,16 @@ async def test_no_response_contains_the_password_or_its_hash(
     assert set(schemas["UserRead"]["properties"]) == {"id", "email", "is_active"}
 
 
-async def test_passwords_are_stored_as_argon2id_hashes(
-    client: httpx.AsyncClient,
-) -> None:
-    user = await sign_up(client, "ann@example.com", "first-s3cret")
+@pytest.mark.real_hashing
+async def test_passwords_are_stored_as_argon2id_hashes(sign_up: SignUp) -> None:
+    user = await sign_up("ann@example.com", "first-s3cret")
     stored = (await Users.objects.get(id=user["id"])).password
     assert stored.startswith("$argon2id$")
-    assert password_hash.verify("first-s3cret", stored)
+    assert main.password_hash.verify("first-s3cret", stored)
+    assert not main.password_hash.current_hasher.check_needs_rehash(stored)
 
 
-async def test_parallel_sign_ups_all_land(client: httpx.AsyncClient) -> None:
+async def test_parallel_sign_ups_all_land(client_at: ClientAt) -> None:
     emails = [f"user{i}@example.com" for i in range(30)]
     statuses: list[int] = []
 
@@ -287,7 +287,7 @@ async def test_parallel_sign_ups_all_land(client: httpx.AsyncClient) -> None:
 
 
 async def test_parallel_sign_ups_with_one_email_give_one_201_and_409s(
-    client: httpx.AsyncClient,
+    client_at: ClientAt,
 ) -> None:
     statuses: list[int] = []
 
@@ -304,16 +304,17 @@ async def test_parallel_sign_ups_with_one_email_give_one_201_and_409s(
     assert await Users.objects.count() == 1
 
 
+@pytest.mark.real_hashing  # the hashes must be slow enough to block the loop
 async def test_other_requests_are_served_while_passwords_hash(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, client_at: ClientAt, sign_up: SignUp
 ) -> None:
     started = time.perf_counter()
-    await sign_up(client, "first@example.com")
+    await sign_up("first@example.com")
     one_sign_up = time.perf_counter() - started
 
     async def sign_up_from_own_address(i: int) -> None:
         async with client_at(loopback(i)) as own:
-            await sign_up(own, f"user{i}@example.com")
+            await sign_up_on(own, f"user{i}@example.com")
 
     waits: list[float] = []
     async with anyio.create_task_group() as tasks:

@@ -1,0 +1,103 @@
+"""What the tests share besides fixtures: constants, helpers that need no fixture (for
+clients of real servers), and the types of conftest's fixtures (the fixtures themselves
+come as test arguments, never as imports)."""
+
+import subprocess
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+PASSWORD = "s3cret-pass"
+
+PROJECT_DIR = Path(__file__).parent.parent
+
+
+@dataclass
+class LoggedIn:
+    """A signed-up user, and the headers that authenticate as them."""
+
+    user: dict[str, Any]
+    headers: dict[str, str]
+
+
+def loopback(i: int) -> str:
+    """Another loopback address for each i (127.0.0.2 up): uvicorn, like the app's
+    per-address limits, sees each as another client."""
+    return f"127.0.0.{i + 2}"
+
+
+def server_client_at(url: str, address: str, **options: Any) -> httpx.AsyncClient:
+    """A client of a real server whose connections come from `address`."""
+    transport = httpx.AsyncHTTPTransport(local_address=address)
+    return httpx.AsyncClient(base_url=url, transport=transport, **options)
+
+
+async def sign_up_on(
+    client: httpx.AsyncClient, email: str, password: str = PASSWORD
+) -> dict[str, Any]:
+    """Create an account through the API that `client` talks to; return the user."""
+    response = await client.post("/users", json={"email": email, "password": password})
+    assert response.status_code == 201, response.text
+    user: dict[str, Any] = response.json()
+    return user
+
+
+async def log_in_on(
+    client: httpx.AsyncClient, email: str, password: str = PASSWORD
+) -> dict[str, str]:
+    """Log in through the API; return the headers that authenticate as that user."""
+    form = {"username": email, "password": password}
+    response = await client.post("/auth/token", data=form)
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+class ClientAt(Protocol):
+    """Another client of the in-process app, sending from `address`."""
+
+    def __call__(self, address: str) -> httpx.AsyncClient: ...
+
+
+class SignUp(Protocol):
+    """Create an account through the API; return the user it answers."""
+
+    async def __call__(
+        self, email: str, password: str = PASSWORD
+    ) -> dict[str, Any]: ...
+
+
+class LogIn(Protocol):
+    """Log in through the API; return the headers that authenticate as that user."""
+
+    async def __call__(
+        self, email: str, password: str = PASSWORD
+    ) -> dict[str, str]: ...
+
+
+@dataclass
+class Server:
+    """A `uvicorn main:app` process, and the file its stdout and stderr go to."""
+
+    process: "subprocess.Popen[bytes]"
+    url: str
+    database_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the process printed: uvicorn's access log and the app's errors."""
+        return self.log_path.read_text(errors="replace")
+
+
+class StartServer(Protocol):
+    """Run `uvicorn main:app` on a database until it answers 200 on `ready_path`."""
+
+    def __call__(
+        self,
+        database_url: str,
+        *uvicorn_args: str,
+        env: dict[str, str] | None = None,
+        ready_path: str = "/health",
+    ) -> AbstractContextManager[Server]: ...
