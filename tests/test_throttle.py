@@ -418,10 +418,12 @@ def test_the_tested_options_are_the_documented_ones() -> None:
 async def test_a_stalled_upload_delays_the_shutdown_by_the_timeout_at_most(
     migrated_url: str, start_server: StartServer
 ) -> None:
-    timeout = float(
-        SERVE_OPTIONS[SERVE_OPTIONS.index("--timeout-graceful-shutdown") + 1]
-    )
-    with start_server(migrated_url, *SERVE_OPTIONS) as server:
+    # The documented options, with a 1 s timeout instead of 5: the same mechanism,
+    # 4 s less of the suite.
+    options = list(SERVE_OPTIONS)
+    timeout = 1
+    options[options.index("--timeout-graceful-shutdown") + 1] = str(timeout)
+    with start_server(migrated_url, *options) as server:
         host, port = server.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as stalled:
             # A sign-up whose body never comes: the app waits for it.
