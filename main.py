@@ -456,6 +456,9 @@ if CORS_ORIGINS:
     )
 
 
+UNSTORABLE = "A value the database cannot store, such as a NUL character"
+
+
 def public_error(error: dict[str, Any]) -> dict[str, Any]:
     """Which field and what kind of error, never the value sent: it may be a password.
 
@@ -480,8 +483,16 @@ async def validation_failed(
 @app.exception_handler(sqlalchemy.exc.DBAPIError)
 @app.exception_handler(sqlalchemy.exc.TimeoutError)  # every pooled connection busy
 @app.exception_handler(OSError)  # the server cannot be reached
-async def database_unavailable(request: Request, error: Exception) -> Response:
-    """503 while the database cannot serve: the client may retry, nothing is lost."""
+async def database_error(request: Request, error: Exception) -> Response:
+    """503 while the database cannot serve: the client may retry, nothing is lost.
+
+    422 for a value sent that the database cannot store; other errors are bugs (500).
+    """
+    if str(getattr(getattr(error, "orig", None), "sqlstate", "")).startswith("22"):
+        # PostgreSQL's data exceptions: a NUL character in text, a number out of range
+        # (SQLite stores either). The statement failed, so nothing was written.
+        unstorable = {"type": "unstorable", "loc": ["body"], "msg": UNSTORABLE}
+        return JSONResponse({"detail": [unstorable]}, 422)
     # A killed connection (a restart, a failover) comes as any DBAPIError that
     # SQLAlchemy marks invalidated; a locked or missing SQLite file as OperationalError.
     outage = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)

@@ -8,11 +8,12 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import httpx
 import pytest
+from fastapi import Body
 from fastapi.routing import APIRoute
 from sqlalchemy import make_url
 
@@ -314,6 +315,28 @@ async def test_a_chunked_body_over_the_limit_gets_413(
     assert response.status_code == 413
     assert response.json() == {"detail": "Request body too large"}
     assert chunks_sent < 1000  # answered before the whole body was read
+
+
+async def test_a_value_the_database_cannot_store_gets_422_not_500(
+    client: httpx.AsyncClient,
+) -> None:
+    # A route a user adds that stores text as sent (the tutorial's post title, say):
+    # PostgreSQL refuses a NUL character in text, SQLite stores it.
+    async def store_text(text: Annotated[str, Body(embed=True)]) -> None:
+        await Users.objects.filter(id=0).update(email=text)
+
+    main.app.add_api_route("/stored-text", store_text, methods=["POST"])
+    try:
+        response = await client.post("/stored-text", json={"text": "a\u0000b"})
+    finally:
+        main.app.router.routes.pop()
+    if make_url(DATABASE_URL).get_backend_name() == "sqlite":
+        assert response.status_code == 200
+    else:
+        assert response.status_code == 422
+        assert response.json() == {
+            "detail": [{"type": "unstorable", "loc": ["body"], "msg": main.UNSTORABLE}]
+        }
 
 
 async def test_a_declared_length_over_the_limit_gets_413_unread(
