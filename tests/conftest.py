@@ -252,18 +252,25 @@ def template_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         drop_database(name)
 
 
-@pytest.fixture
-def migrated_url(template_url: str, tmp_path: Path) -> Iterator[str]:
-    """A new database at the newest revision: a copy of one `alembic upgrade head` made
-    (0.4 s of CPU saved per copy)."""
+@contextmanager
+def copy_of(template: str, directory: Path, name: str) -> Iterator[str]:
+    """A new database at the newest revision, a copy of `template` (0.4 s of CPU less
+    than migrating one); on PostgreSQL, dropped afterwards."""
     if not POSTGRESQL:
-        yield sqlite_url(shutil.copy(template_url, tmp_path / "migrated.sqlite"))
+        yield sqlite_url(shutil.copy(template, directory / f"{name}.sqlite"))
         return
-    name = f"{make_url(TEST_DATABASE_URL).database}_{uuid.uuid4().hex[:12]}"
+    name = f"{make_url(TEST_DATABASE_URL).database}_{name}"
     try:
-        yield new_database(name, template=template_url)
+        yield new_database(name, template=template)
     finally:
         drop_database(name)
+
+
+@pytest.fixture
+def migrated_url(template_url: str, tmp_path: Path) -> Iterator[str]:
+    """A new database at the newest revision, of this test's own."""
+    with copy_of(template_url, tmp_path, uuid.uuid4().hex[:12]) as url:
+        yield url
 
 
 @contextmanager
@@ -335,20 +342,14 @@ def shared_server(
     are marked `xdist_group("shared_server")`, so that they share one worker. It hashes
     cheaply (tests/cheap_server.py): no test of it is about hashing."""
     directory = tmp_path_factory.mktemp("shared_server")
-    name = f"{make_url(TEST_DATABASE_URL).database}_shared"
-    if POSTGRESQL:
-        database_url = new_database(name, template=template_url)
-    else:
-        database_url = sqlite_url(
-            shutil.copy(template_url, directory / "shared.sqlite")
-        )
-    try:
-        log = directory / "server.log"
-        cheap = "cheap_server:app"
-        with running_server(
-            database_url, log, "--app-dir", "tests", app=cheap
-        ) as server:
-            yield server
-    finally:
-        if POSTGRESQL:
-            drop_database(name)
+    with (
+        copy_of(template_url, directory, "shared") as database_url,
+        running_server(
+            database_url,
+            directory / "server.log",
+            "--app-dir",
+            "tests",
+            app="cheap_server:app",
+        ) as server,
+    ):
+        yield server

@@ -8,7 +8,6 @@ addresses (127.0.0.2 up), which uvicorn reports as other clients.
 
 import asyncio
 import re
-import shutil
 import signal
 import socket
 import time
@@ -20,18 +19,11 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import (
-    POSTGRESQL,
-    drop_database,
-    new_database,
-    running_server,
-    sqlite_url,
-)
+from conftest import copy_of, running_server
 from fastapi import HTTPException
-from sqlalchemy import make_url
 
 import main
-from db import DATABASE_URL, LogInAttempts
+from db import LogInAttempts
 from support import (
     PASSWORD,
     PROJECT_DIR,
@@ -215,21 +207,13 @@ def server(
     on a migrated database of its own. `uvicorn main:app`: it hashes as deployed, which
     the flood is about. Its tests share one worker (xdist_group "throttle_server")."""
     directory = tmp_path_factory.mktemp("throttle")
-    name = f"{make_url(DATABASE_URL).database}_throttle"
-    if POSTGRESQL:
-        database_url = new_database(name, template=template_url)
-    else:
-        database_url = sqlite_url(
-            shutil.copy(template_url, directory / "throttle.sqlite")
-        )
-    try:
-        with running_server(
+    with (
+        copy_of(template_url, directory, "throttle") as database_url,
+        running_server(
             database_url, directory / "server.log", *SERVE_OPTIONS
-        ) as server:
-            yield server
-    finally:
-        if POSTGRESQL:
-            drop_database(name)
+        ) as server,
+    ):
+        yield server
 
 
 on_the_module_server = pytest.mark.xdist_group("throttle_server")
