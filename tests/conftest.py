@@ -162,6 +162,25 @@ def client_at(client: httpx.AsyncClient) -> ClientAt:
 
 
 @pytest.fixture
+async def hashing_threads_busy() -> AsyncIterator[Callable[[], None]]:
+    """Every hashing thread of the in-process app held, so that hashes queue; call
+    what it gives to free them (the end of the test does too)."""
+    limiter = main.hashing_limiter
+    holders = [object() for _ in range(int(limiter.total_tokens))]
+    for holder in holders:
+        await limiter.acquire_on_behalf_of(holder)
+
+    def release() -> None:
+        while holders:
+            limiter.release_on_behalf_of(holders.pop())
+
+    try:
+        yield release
+    finally:
+        release()
+
+
+@pytest.fixture
 def sign_up(client: httpx.AsyncClient) -> SignUp:
     """Create an account through the in-process app; return the user it answers."""
     return partial(sign_up_on, client)

@@ -152,45 +152,38 @@ async def test_concurrent_guesses_get_no_more_than_the_allowance_through(
 
 
 async def test_one_address_past_its_share_of_the_queue_gets_429_others_do_not(
-    client: httpx.AsyncClient, client_at: ClientAt
+    client: httpx.AsyncClient,
+    client_at: ClientAt,
+    hashing_threads_busy: Callable[[], None],  # sign-ups wait in the queue
 ) -> None:
     limiter = main.hashing_limiter
-    holders = [object() for _ in range(int(limiter.total_tokens))]
-    for holder in holders:  # every hashing thread busy: sign-ups wait in the queue
-        await limiter.acquire_on_behalf_of(holder)
     statuses: list[int] = []
 
     async def create(email: str, sender: httpx.AsyncClient = client) -> None:
         body = {"email": email, "password": PASSWORD}
         statuses.append((await sender.post("/users", json=body)).status_code)
 
-    try:
-        async with anyio.create_task_group() as tasks:
-            for i in range(main.HASHING_SHARE):
-                tasks.start_soon(create, f"queued{i}@example.com")
-            while limiter.statistics().tasks_waiting < main.HASHING_SHARE:
-                await anyio.sleep(0.01)
-            with anyio.fail_after(5):  # not queued: answered after the pause
-                sent = time.monotonic()
-                body = {"email": "fifth@example.com", "password": PASSWORD}
-                response = await client.post("/users", json=body)
-            assert time.monotonic() - sent >= main.REFUSAL_PAUSE
-            assert response.status_code == 429
-            assert response.headers["retry-after"] == "1"
-            assert response.json() == {
-                "detail": "Too many sign-ups and log-ins from your address"
-            }
-            # Someone at another address still gets a place in the queue.
-            other = client_at("192.0.2.7")
-            tasks.start_soon(create, "other@example.com", other)
-            while limiter.statistics().tasks_waiting <= main.HASHING_SHARE:
-                await anyio.sleep(0.01)
-            for holder in holders:
-                limiter.release_on_behalf_of(holder)
-            holders = []
-    finally:
-        for holder in holders:
-            limiter.release_on_behalf_of(holder)
+    async with anyio.create_task_group() as tasks:
+        for i in range(main.HASHING_SHARE):
+            tasks.start_soon(create, f"queued{i}@example.com")
+        while limiter.statistics().tasks_waiting < main.HASHING_SHARE:
+            await anyio.sleep(0.01)
+        with anyio.fail_after(5):  # not queued: answered after the pause
+            sent = time.monotonic()
+            body = {"email": "fifth@example.com", "password": PASSWORD}
+            response = await client.post("/users", json=body)
+        assert time.monotonic() - sent >= main.REFUSAL_PAUSE
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "1"
+        assert response.json() == {
+            "detail": "Too many sign-ups and log-ins from your address"
+        }
+        # Someone at another address still gets a place in the queue.
+        other = client_at("192.0.2.7")
+        tasks.start_soon(create, "other@example.com", other)
+        while limiter.statistics().tasks_waiting <= main.HASHING_SHARE:
+            await anyio.sleep(0.01)
+        hashing_threads_busy()  # the queued sign-ups go on
     await other.aclose()
     assert statuses == [201] * (main.HASHING_SHARE + 1)
     assert main.hashing_places == {}  # every place given back
