@@ -1,8 +1,7 @@
-"""The database connection, the metadata, and the models."""
+"""The database connection, the metadata, and the `Users` model."""
 
 import contextlib
 import os
-from datetime import datetime
 from typing import Any
 
 import ormar
@@ -108,38 +107,3 @@ class Users(ormar.Model):
 # would get the id of the newest one deleted (and whatever still refers to it).
 # OrmarConfig takes no table options; migrations/env.py keeps it through rebuilds.
 Users.ormar_config.table.dialect_options["sqlite"]["autoincrement"] = True
-
-
-class Tokens(ormar.Model):
-    """A log-in session: the SHA-256 digest of a bearer token, never the token itself."""
-
-    ormar_config = BaseMeta.copy(tablename="tokens")
-
-    digest: str = ormar.String(primary_key=True, max_length=64)
-    user: Users = ormar.ForeignKey(
-        Users,
-        name="user_id",
-        nullable=False,
-        ondelete=ormar.ReferentialAction.CASCADE,
-        related_name="tokens",
-        index=True,
-    )
-    created_at: datetime = ormar.DateTime(timezone=True)
-    # Indexed: every log-in deletes the expired sessions, everyone's.
-    expires_at: datetime = ormar.DateTime(timezone=True, index=True)
-
-
-class LogInAttempts(ormar.Model):
-    """Log-ins counted per account and client address, for the log-in throttle.
-
-    Keyed by a SHA-256 digest of the address and the email as typed (normalized), so
-    that an unknown email is counted like a real one and no typed email is stored.
-    """
-
-    ormar_config = BaseMeta.copy(tablename="log_in_attempts")
-
-    digest: str = ormar.String(primary_key=True, max_length=64)
-    attempts: int = ormar.Integer()
-    # The last attempt that was let through; a count is over a period after it.
-    # Indexed: log-ins delete the counts that are over, everyone's.
-    last_attempt_at: datetime = ormar.DateTime(timezone=True, index=True)

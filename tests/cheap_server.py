@@ -6,7 +6,8 @@ Every other server process runs `uvicorn main:app` and hashes as deployed.
 from cheap_hashing import CHEAP_DUMMY_HASH, CHEAP_HASH
 
 import main
+from accounts import passwords
 
-main.password_hash = CHEAP_HASH
-main.DUMMY_HASH = CHEAP_DUMMY_HASH
+passwords.password_hash = CHEAP_HASH
+passwords.DUMMY_HASH = CHEAP_DUMMY_HASH
 app = main.app

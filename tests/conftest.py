@@ -50,7 +50,9 @@ from asgi_lifespan import LifespanManager  # noqa: E402
 from cheap_hashing import CHEAP_DUMMY_HASH, CHEAP_HASH  # noqa: E402
 
 import main  # noqa: E402
-from db import LogInAttempts, Users  # noqa: E402
+from accounts import passwords  # noqa: E402
+from accounts.models import LogInAttempts  # noqa: E402
+from db import Users  # noqa: E402
 from support import (  # noqa: E402
     PROJECT_DIR,
     ClientAt,
@@ -132,8 +134,8 @@ def cheap_hashing(
 ) -> None:
     """Cheap argon2 for the in-process app, unless the test is marked `real_hashing`."""
     if request.node.get_closest_marker("real_hashing") is None:
-        monkeypatch.setattr(main, "password_hash", CHEAP_HASH)
-        monkeypatch.setattr(main, "DUMMY_HASH", CHEAP_DUMMY_HASH)
+        monkeypatch.setattr(passwords, "password_hash", CHEAP_HASH)
+        monkeypatch.setattr(passwords, "DUMMY_HASH", CHEAP_DUMMY_HASH)
 
 
 @pytest.fixture
@@ -165,7 +167,7 @@ def client_at(client: httpx.AsyncClient) -> ClientAt:
 async def hashing_threads_busy() -> AsyncIterator[Callable[[], None]]:
     """Every hashing thread of the in-process app held, so that hashes queue; call
     what it gives to free them (the end of the test does too)."""
-    limiter = main.hashing_limiter
+    limiter = passwords.hashing_limiter
     holders = [object() for _ in range(int(limiter.total_tokens))]
     for holder in holders:
         await limiter.acquire_on_behalf_of(holder)

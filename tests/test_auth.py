@@ -16,7 +16,9 @@ from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
 import main
-from db import Tokens, Users
+from accounts import passwords, sessions, throttle
+from accounts.models import Tokens
+from db import Users
 from support import PASSWORD, PROJECT_DIR, LoggedIn, LogIn, SignUp
 
 pytestmark = pytest.mark.anyio
@@ -81,22 +83,24 @@ async def test_an_unknown_email_costs_a_real_password_check(
     # hash of the current parameters (a malformed one would return at once).
     await sign_up("ann@example.com")
     checked: list[str] = []
-    verify_and_update = main.password_hash.verify_and_update
+    verify_and_update = passwords.password_hash.verify_and_update
 
     def spy(password: str, stored_hash: str) -> tuple[bool, str | None]:
         checked.append(stored_hash)
         return verify_and_update(password, stored_hash)
 
-    monkeypatch.setattr(main.password_hash, "verify_and_update", spy)
+    monkeypatch.setattr(passwords.password_hash, "verify_and_update", spy)
     await client.post(TOKEN, data=form("nobody@example.com"))
     await client.post(TOKEN, data=form("ann@example.com", "wrong-password"))
 
     stored = (await Users.objects.get(email="ann@example.com")).password
-    assert checked == [main.DUMMY_HASH, stored]
-    hasher = main.password_hash.current_hasher
-    assert hasher.identify(main.DUMMY_HASH)
-    assert not hasher.check_needs_rehash(main.DUMMY_HASH)
-    assert main.DUMMY_HASH.split("$")[:4] == stored.split("$")[:4]  # same parameters
+    assert checked == [passwords.DUMMY_HASH, stored]
+    hasher = passwords.password_hash.current_hasher
+    assert hasher.identify(passwords.DUMMY_HASH)
+    assert not hasher.check_needs_rehash(passwords.DUMMY_HASH)
+    assert (
+        passwords.DUMMY_HASH.split("$")[:4] == stored.split("$")[:4]
+    )  # same parameters
 
 
 @pytest.mark.real_hashing
@@ -111,15 +115,15 @@ async def test_log_in_upgrades_a_hash_made_with_older_parameters(
 
     stored = (await Users.objects.get(id=user["id"])).password
     assert stored != weak
-    assert not main.password_hash.current_hasher.check_needs_rehash(stored)
-    assert main.password_hash.verify(PASSWORD, stored)
+    assert not passwords.password_hash.current_hasher.check_needs_rehash(stored)
+    assert passwords.password_hash.verify(PASSWORD, stored)
 
 
 async def test_every_bad_token_gets_the_same_401(
     client: httpx.AsyncClient, ann: LoggedIn, log_in: LogIn
 ) -> None:
     expired = bearer(ann.headers)
-    await Tokens.objects.filter(digest=main.token_digest(expired)).update(
+    await Tokens.objects.filter(digest=sessions.token_digest(expired)).update(
         expires_at=datetime.now(UTC) - timedelta(seconds=1)
     )
     revoked = await log_in("ann@example.com")
@@ -190,7 +194,7 @@ async def test_tokens_expire_after_the_configured_lifetime(
     await log_in("ann@example.com")
     [token] = await Tokens.objects.all()
     lifetime = token.expires_at - token.created_at
-    assert lifetime == main.TOKEN_LIFETIME == timedelta(hours=24)
+    assert lifetime == sessions.TOKEN_LIFETIME == timedelta(hours=24)
     assert token.created_at.replace(tzinfo=UTC) >= before - timedelta(seconds=1)
 
 
@@ -202,8 +206,8 @@ async def test_past_the_queue_bound_sign_up_and_log_in_answer_503_at_once(
     hashing_threads_busy: Callable[[], None],
 ) -> None:
     headers = ann.headers
-    monkeypatch.setattr(main, "HASHING_QUEUE", 2)
-    limiter = main.hashing_limiter
+    monkeypatch.setattr(throttle, "HASHING_QUEUE", 2)
+    limiter = passwords.hashing_limiter
 
     statuses: list[int] = []
 
@@ -236,7 +240,7 @@ async def test_past_the_queue_bound_sign_up_and_log_in_answer_503_at_once(
 
 def run_main(cpus: set[int], code: str, **env: str) -> "subprocess.Popen[str]":
     """Run `code` after importing main in a process pinned to `cpus`."""
-    code = f"import os; os.sched_setaffinity(0, {cpus}); import main; {code}"
+    code = f"import os; os.sched_setaffinity(0, {cpus}); from accounts import passwords; {code}"
     return subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=PROJECT_DIR,
@@ -260,11 +264,11 @@ def test_hashing_threads_follow_the_cpus_the_process_may_use() -> None:
     # Two processes at once, not one per figure: each spends ~0.7 s importing main.
     default = run_main(
         two,
-        "print(main.HASHING_THREADS, main.usable_cpus());"
-        f" os.sched_setaffinity(0, {one}); print(main.usable_cpus())",
+        "print(passwords.HASHING_THREADS, passwords.usable_cpus());"
+        f" os.sched_setaffinity(0, {one}); print(passwords.usable_cpus())",
     )
     overridden = run_main(
-        two, "print(main.HASHING_THREADS)", PASSWORD_HASHING_THREADS="4"
+        two, "print(passwords.HASHING_THREADS)", PASSWORD_HASHING_THREADS="4"
     )
     # One core stays with the event loop; a setting overrides the count.
     assert printed(default) == [1, 2, 1]

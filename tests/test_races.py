@@ -24,8 +24,12 @@ from anyio.abc import TaskGroup
 from pwdlib import PasswordHash
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+import accounts.sessions
 import main
-from db import DATABASE_URL, Tokens, Users, database
+from accounts import passwords, throttle
+from accounts.models import Tokens
+from accounts.sessions import TOKEN_LIFETIME, start_session, token_digest
+from db import DATABASE_URL, Users, database
 from support import (
     PASSWORD,
     Server,
@@ -78,19 +82,19 @@ HOLDING_COMMIT: ContextVar[Held | None] = ContextVar("HOLDING_COMMIT", default=N
 @pytest.fixture
 def holdable(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Let `hold` stop requests right after they verify a password."""
-    original = main.in_hashing_thread
+    original = throttle.in_hashing_thread
 
     async def in_hashing_thread(
         client: str, function: Callable[..., T], *args: str, **options: Any
     ) -> T:
         result = await original(client, function, *args, **options)
         held = HOLDING.get()
-        if held is not None and function is main.verify_password:
+        if held is not None and function is passwords.verify_password:
             held.reached.set()
             await held.released.wait()
         return result
 
-    monkeypatch.setattr(main, "in_hashing_thread", in_hashing_thread)
+    monkeypatch.setattr(throttle, "in_hashing_thread", in_hashing_thread)
     yield
 
 
@@ -149,7 +153,7 @@ async def reached(*requests: Held) -> None:
 async def account(email: str, following: bool = False) -> Users:
     """An account with PASSWORD, created directly; `following`: right after another,
     which has the first of the two hashes."""
-    stored_hash = hashes_of_password(main.password_hash)[following]
+    stored_hash = hashes_of_password(passwords.password_hash)[following]
     return await Users.objects.create(email=email, password=stored_hash)
 
 
@@ -157,7 +161,7 @@ async def session(user_id: int) -> dict[str, str]:
     """Headers of a new session of the account, as a log-in would start it."""
     token = secrets.token_urlsafe(32)
     verified = (await Users.objects.get(id=user_id)).password
-    assert await main.start_session(user_id, verified, main.token_digest(token))
+    assert await start_session(user_id, verified, token_digest(token))
     return {"Authorization": f"Bearer {token}"}
 
 
@@ -168,7 +172,7 @@ async def sessions() -> set[tuple[str, int]]:
 
 def stored(headers: dict[str, str], user_id: int) -> tuple[str, int]:
     token = headers["Authorization"].removeprefix("Bearer ")
-    return main.token_digest(token), user_id
+    return token_digest(token), user_id
 
 
 def issued(response: httpx.Response) -> dict[str, str]:
@@ -387,9 +391,9 @@ async def accounts_with_sessions(
                 )
                 session = {
                     "user_id": user_id,
-                    "digest": main.token_digest(token),
+                    "digest": token_digest(token),
                     "created_at": now,
-                    "expires_at": now + main.TOKEN_LIFETIME,
+                    "expires_at": now + TOKEN_LIFETIME,
                 }
                 await connection.execute(tokens.insert().values(session))
     finally:
@@ -452,7 +456,7 @@ async def session_of(client: httpx.AsyncClient, email: str) -> dict[str, str]:
 async def test_past_the_session_bound_a_log_in_ends_the_oldest_session(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(main, "SESSIONS_PER_USER", 3)
+    monkeypatch.setattr(accounts.sessions, "SESSIONS_PER_USER", 3)
     await account("ann@example.com")
     bob = await session((await account("bob@example.com", following=True)).id)
     anns = [await session_of(client, "ann@example.com") for _ in range(4)]

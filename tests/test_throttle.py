@@ -23,7 +23,8 @@ from conftest import copy_of, running_server
 from fastapi import HTTPException
 
 import main
-from db import LogInAttempts
+from accounts import passwords, throttle
+from accounts.models import LogInAttempts
 from support import (
     PASSWORD,
     PROJECT_DIR,
@@ -53,7 +54,7 @@ def form(email: str, password: str = WRONG) -> dict[str, str]:
 @pytest.fixture
 def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
     """429s at once: these tests count them (the share test checks the pause)."""
-    monkeypatch.setattr(main, "REFUSAL_PAUSE", 0)
+    monkeypatch.setattr(throttle, "REFUSAL_PAUSE", 0)
 
 
 @pytest.mark.usefixtures("no_pause")
@@ -65,7 +66,7 @@ async def test_past_ten_wrong_passwords_log_ins_answer_429_without_hashing(
         response = await client.post(TOKEN, data=form("ann@example.com"))
         assert response.status_code == 401
     checks: list[str] = []
-    monkeypatch.setattr(main, "verify_password", lambda *args: checks.append("!"))
+    monkeypatch.setattr(passwords, "verify_password", lambda *args: checks.append("!"))
 
     # The right password too: the throttle must not tell which guess was right.
     for password in (WRONG, PASSWORD):
@@ -104,7 +105,7 @@ async def test_an_unknown_email_is_throttled_exactly_like_a_real_one(
 async def test_a_right_password_within_the_allowance_starts_the_count_again(
     client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(main, "LOG_IN_ATTEMPTS", 3)  # the setting, and fewer hashes
+    monkeypatch.setattr(throttle, "LOG_IN_ATTEMPTS", 3)  # the setting, and fewer hashes
     await sign_up("ann@example.com")
     statuses = []
     for password in [WRONG, WRONG, PASSWORD, WRONG, WRONG, WRONG, WRONG]:
@@ -117,16 +118,16 @@ async def test_a_right_password_within_the_allowance_starts_the_count_again(
 async def test_a_count_ends_a_period_after_its_last_log_in_and_its_row_goes(
     client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(main, "LOG_IN_ATTEMPTS", 1)
+    monkeypatch.setattr(throttle, "LOG_IN_ATTEMPTS", 1)
     await sign_up("ann@example.com")
     assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 401
     assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 429
     # Someone else's count, over long ago: the table keeps no stale rows.
-    old = datetime.now(UTC) - main.LOG_IN_PERIOD - timedelta(seconds=1)
+    old = datetime.now(UTC) - throttle.LOG_IN_PERIOD - timedelta(seconds=1)
     await LogInAttempts.objects.create(digest="0" * 64, attempts=5, last_attempt_at=old)
 
     # A period after the last log-in let through, ann may try again.
-    ann = main.log_in_key("127.0.0.1", "ann@example.com")
+    ann = throttle.log_in_key("127.0.0.1", "ann@example.com")
     await LogInAttempts.objects.filter(digest=ann).update(last_attempt_at=old)
     assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 401
     assert await LogInAttempts.objects.filter(digest="0" * 64).count() == 0
@@ -139,9 +140,9 @@ async def test_concurrent_guesses_get_no_more_than_the_allowance_through(
 ) -> None:
     # 120 log-ins counted at once (no hashing needed to see it): read-then-write
     # counting would let most of them through.
-    key = main.log_in_key("127.0.0.1", "ann@example.com")
+    key = throttle.log_in_key("127.0.0.1", "ann@example.com")
     outcomes = await asyncio.gather(
-        *(main.count_log_in(key) for _ in range(120)), return_exceptions=True
+        *(throttle.count_log_in(key) for _ in range(120)), return_exceptions=True
     )
     refused = [outcome for outcome in outcomes if outcome is not None]
     assert len(refused) == 110
@@ -156,7 +157,7 @@ async def test_one_address_past_its_share_of_the_queue_gets_429_others_do_not(
     client_at: ClientAt,
     hashing_threads_busy: Callable[[], None],  # sign-ups wait in the queue
 ) -> None:
-    limiter = main.hashing_limiter
+    limiter = passwords.hashing_limiter
     statuses: list[int] = []
 
     async def create(email: str, sender: httpx.AsyncClient = client) -> None:
@@ -164,15 +165,15 @@ async def test_one_address_past_its_share_of_the_queue_gets_429_others_do_not(
         statuses.append((await sender.post("/users", json=body)).status_code)
 
     async with anyio.create_task_group() as tasks:
-        for i in range(main.HASHING_SHARE):
+        for i in range(throttle.HASHING_SHARE):
             tasks.start_soon(create, f"queued{i}@example.com")
-        while limiter.statistics().tasks_waiting < main.HASHING_SHARE:
+        while limiter.statistics().tasks_waiting < throttle.HASHING_SHARE:
             await anyio.sleep(0.01)
         with anyio.fail_after(5):  # not queued: answered after the pause
             sent = time.monotonic()
             body = {"email": "fifth@example.com", "password": PASSWORD}
             response = await client.post("/users", json=body)
-        assert time.monotonic() - sent >= main.REFUSAL_PAUSE
+        assert time.monotonic() - sent >= throttle.REFUSAL_PAUSE
         assert response.status_code == 429
         assert response.headers["retry-after"] == "1"
         assert response.json() == {
@@ -181,12 +182,12 @@ async def test_one_address_past_its_share_of_the_queue_gets_429_others_do_not(
         # Someone at another address still gets a place in the queue.
         other = client_at("192.0.2.7")
         tasks.start_soon(create, "other@example.com", other)
-        while limiter.statistics().tasks_waiting <= main.HASHING_SHARE:
+        while limiter.statistics().tasks_waiting <= throttle.HASHING_SHARE:
             await anyio.sleep(0.01)
         hashing_threads_busy()  # the queued sign-ups go on
     await other.aclose()
-    assert statuses == [201] * (main.HASHING_SHARE + 1)
-    assert main.hashing_places == {}  # every place given back
+    assert statuses == [201] * (throttle.HASHING_SHARE + 1)
+    assert throttle.hashing_places == {}  # every place given back
 
 
 # Real servers ------------------------------------------------------------------------

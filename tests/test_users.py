@@ -7,8 +7,9 @@ import anyio
 import httpx
 import pytest
 
-import main
-from db import Tokens, Users
+from accounts import passwords
+from accounts.models import Tokens
+from db import Users
 from main import app
 from support import (
     PASSWORD,
@@ -267,8 +268,8 @@ async def test_passwords_are_stored_as_argon2id_hashes(sign_up: SignUp) -> None:
     user = await sign_up("ann@example.com", "first-s3cret")
     stored = (await Users.objects.get(id=user["id"])).password
     assert stored.startswith("$argon2id$")
-    assert main.password_hash.verify("first-s3cret", stored)
-    assert not main.password_hash.current_hasher.check_needs_rehash(stored)
+    assert passwords.password_hash.verify("first-s3cret", stored)
+    assert not passwords.password_hash.current_hasher.check_needs_rehash(stored)
 
 
 async def test_parallel_sign_ups_all_land(client_at: ClientAt) -> None:

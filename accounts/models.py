@@ -1,0 +1,42 @@
+"""The accounts' own tables, beside `Users` in db.py: sessions and log-in counts."""
+
+from datetime import datetime
+
+import ormar
+
+from db import BaseMeta, Users
+
+
+class Tokens(ormar.Model):
+    """A log-in session: the SHA-256 digest of a bearer token, never the token itself."""
+
+    ormar_config = BaseMeta.copy(tablename="tokens")
+
+    digest: str = ormar.String(primary_key=True, max_length=64)
+    user: Users = ormar.ForeignKey(
+        Users,
+        name="user_id",
+        nullable=False,
+        ondelete=ormar.ReferentialAction.CASCADE,
+        related_name="tokens",
+        index=True,
+    )
+    created_at: datetime = ormar.DateTime(timezone=True)
+    # Indexed: every log-in deletes the expired sessions, everyone's.
+    expires_at: datetime = ormar.DateTime(timezone=True, index=True)
+
+
+class LogInAttempts(ormar.Model):
+    """Log-ins counted per account and client address, for the log-in throttle.
+
+    Keyed by a SHA-256 digest of the address and the email as typed (normalized), so
+    that an unknown email is counted like a real one and no typed email is stored.
+    """
+
+    ormar_config = BaseMeta.copy(tablename="log_in_attempts")
+
+    digest: str = ormar.String(primary_key=True, max_length=64)
+    attempts: int = ormar.Integer()
+    # The last attempt that was let through; a count is over a period after it.
+    # Indexed: log-ins delete the counts that are over, everyone's.
+    last_attempt_at: datetime = ormar.DateTime(timezone=True, index=True)

@@ -1,0 +1,66 @@
+"""What clients send to the account routes and what they get back."""
+
+from typing import Annotated, Self, cast
+
+import sqlalchemy
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    TypeAdapter,
+    create_model,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from db import Users
+
+# Emails are compared lower-cased: Alice@Example.COM and alice@example.com are one
+# account. Their length is the column's, from the model.
+EMAIL_LENGTH = cast(sqlalchemy.String, Users.ormar_config.table.c.email.type).length
+Email = Annotated[EmailStr, AfterValidator(str.lower), Field(max_length=EMAIL_LENGTH)]
+Password = Annotated[str, Field(min_length=8, max_length=128)]
+email_address = TypeAdapter(Email)
+
+
+class UserCreate(BaseModel):
+    email: Email
+    password: Password
+
+
+class UserUpdate(BaseModel):
+    """Leave a field out (or null) to keep its value."""
+
+    model_config = ConfigDict(extra="forbid")  # `is_active` and typos are a 422
+
+    email: Email | None = None
+    password: Password | None = None
+    current_password: Password | None = None
+
+    @model_validator(mode="after")
+    def current_password_for_credentials(self) -> Self:
+        # A stolen token alone must not be enough to take the account over.
+        if (self.email or self.password) and self.current_password is None:
+            raise PydanticCustomError(
+                "current_password_missing",
+                "current_password is required to change email or password",
+            )
+        return self
+
+
+class UserDelete(BaseModel):
+    current_password: Password
+
+
+# Public fields are an allowlist: a new column stays private until it is added here.
+# Generated from the ormar model; the name keeps the OpenAPI document readable.
+UserRead = create_model(
+    "UserRead", __base__=Users.get_pydantic(include={"id", "email", "is_active"})
+)
+
+
+class Token(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
