@@ -1,6 +1,7 @@
 """The OpenAPI document is the contract: every answer is declared, with its shape, and
 nothing a client sends gets a 5xx or has its values echoed back."""
 
+import os
 import subprocess
 import sys
 import threading
@@ -13,15 +14,15 @@ from typing import Annotated, Any
 import anyio
 import httpx
 import pytest
-from fastapi import Body
+from fastapi import APIRouter, Body
 from fastapi.routing import iter_route_contexts
 from sqlalchemy import make_url
 
 import accounts.routes as account_routes
 import main
-from accounts import passwords, throttle
+from accounts import CurrentUser, passwords, throttle
 from db import DATABASE_URL, Users, database
-from support import PASSWORD, LoggedIn, Server, SignUp
+from support import PASSWORD, PROJECT_DIR, LoggedIn, Server, SignUp
 
 pytestmark = pytest.mark.anyio
 
@@ -63,6 +64,44 @@ def test_every_error_is_declared_with_the_detail_shape() -> None:
                 name = schema["$ref"].rsplit("/", 1)[-1]
                 properties = document["components"]["schemas"][name]["properties"]
                 assert set(properties) == {"detail"}, (operation["operationId"], code)
+
+
+def test_a_users_route_declares_only_its_own_answers_and_gets_the_shared_ones() -> None:
+    # A route as FastAPI's docs write one, on a router of its own: its own 404 only.
+    router = APIRouter()
+
+    @router.patch("/notes/{note_id}", responses={404: {"description": "No such note"}})
+    async def update_note(
+        note_id: int, text: Annotated[str, Body(embed=True)], me: CurrentUser
+    ) -> None: ...
+
+    main.app.include_router(router)
+    main.app.openapi_schema = None
+    try:
+        operation = main.app.openapi()["paths"]["/notes/{note_id}"]["patch"]
+        codes = {"200", "400", "401", "404", "413", "422", "503"}
+        assert set(operation["responses"]) == codes
+        assert operation["responses"]["404"]["description"] == "No such note"
+        test_every_error_is_declared_with_the_detail_shape()
+    finally:
+        main.app.router.routes.pop()
+        main.app.openapi_schema = None
+    assert "/notes/{note_id}" not in main.app.openapi()["paths"]
+
+
+def test_a_users_router_module_imports_on_its_own(tmp_path: Path) -> None:
+    # What a resource of the user's needs from the template, imported without main.py.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "routes.py").write_text(
+        "from accounts import CurrentUser\nfrom db import BaseMeta, Users\n"
+    )
+    check = "import sys, notes.routes; assert 'main' not in sys.modules"
+    subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)},
+        check=True,
+    )
 
 
 @asynccontextmanager
