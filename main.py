@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import sqlalchemy
 from alembic.config import Config
@@ -28,8 +29,33 @@ logger = logging.getLogger(__name__)
 # Settings, each optional (see the README's Configuration table) ---------------------
 
 MAX_BODY_SIZE = int(os.environ.get("MAX_BODY_SIZE", "16384"))  # bytes
+
+
+def is_origin(value: str) -> bool:
+    """Whether `value` is scheme://host[:port], as browsers send it: no path, no user,
+    no wildcard ("*" would let any page use its visitors' browsers as log-in guessers)."""
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018  (raises ValueError for a port that is no number)
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and value == f"{parts.scheme}://{parts.netloc}"
+        and not {"*", "@"} & set(value)
+    )
+
+
 # Browser front ends on these origins may call the API (with a bearer token).
 CORS_ORIGINS = os.environ.get("CORS_ORIGINS", "").replace(",", " ").split()
+for origin in CORS_ORIGINS:
+    if not is_origin(origin):
+        raise ValueError(
+            f"CORS_ORIGINS: {origin!r} is not an origin; list each front end's own"
+            " as scheme://host[:port], such as https://app.example.com"
+        )
+
 MIGRATIONS_HEAD = ScriptDirectory.from_config(
     Config(Path(__file__).with_name("alembic.ini"))
 ).get_current_head()

@@ -1,4 +1,4 @@
-"""The accounts' own tables, beside `Users` in db.py: sessions and log-in counts."""
+"""The accounts' own tables, beside `Users` in db.py: sessions, log-in counts, devices."""
 
 from datetime import datetime
 
@@ -40,3 +40,21 @@ class LogInAttempts(ormar.Model):
     # The last attempt that was let through; a count is over a period after it.
     # Indexed: log-ins delete the counts that are over, everyone's.
     last_attempt_at: datetime = ormar.DateTime(timezone=True, index=True)
+
+
+class Devices(ormar.Model):
+    """A client that has logged in to an account before: the SHA-256 digest of the
+    random value in its `device` cookie. The log-in throttle counts it on its own."""
+
+    ormar_config = BaseMeta.copy(tablename="devices")
+
+    digest: str = ormar.String(primary_key=True, max_length=64)
+    user: Users = ormar.ForeignKey(
+        Users,
+        name="user_id",
+        nullable=False,
+        ondelete=ormar.ReferentialAction.CASCADE,
+        related_name="devices",
+        index=True,
+    )
+    created_at: datetime = ormar.DateTime(timezone=True)

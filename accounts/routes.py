@@ -5,13 +5,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.security import OAuth2PasswordRequestForm
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from accounts import passwords, sessions, throttle
-from accounts.models import Tokens
+from accounts.models import Devices, Tokens
 from accounts.schemas import (
     Token,
     UserCreate,
@@ -21,7 +21,7 @@ from accounts.schemas import (
     email_address,
 )
 from accounts.sessions import NOT_AUTHENTICATED, CurrentUser, PresentedDigest
-from accounts.throttle import ClientAddress
+from accounts.throttle import ClientAddress, DeviceCookie
 from db import Users, database
 
 router = APIRouter(tags=["accounts"])
@@ -55,10 +55,11 @@ def email_must_be_free() -> Iterator[None]:
         raise
 
 
-async def check_current_password(user: Users, password: str, client: str) -> None:
-    valid, _ = await throttle.in_hashing_thread(
-        client, passwords.verify_password, password, user.password
-    )
+async def check_current_password(
+    user: Users, password: str, client: str, device: str | None
+) -> None:
+    """403 unless `password` is the user's; counted like a log-in (429 past it)."""
+    valid, _ = await throttle.check_password(password, user, user.email, client, device)
     if not valid:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "Wrong current password")
 
@@ -93,37 +94,47 @@ async def create_user(body: UserCreate, client: ClientAddress) -> Users:
 )
 async def log_in(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    request: Request,
     response: Response,
     client: ClientAddress,
+    device: DeviceCookie,
 ) -> Token:
-    """Log in with the email as `username`; answers a bearer token."""
+    """Log in with the email as `username`; answers a bearer token, and a `device`
+    cookie that lets this client log in to the account while others are refused."""
     try:  # the same rules as at sign-up: what could not sign up is no account
         email = email_address.validate_python(form.username)
     except ValidationError:  # (and PostgreSQL refuses text with a NUL byte)
         email = None
-    key = throttle.log_in_key(client, email or form.username)  # unknown ones alike
     user = await Users.objects.get_or_none(email=email) if email else None
-    stored_hash = user.password if user else passwords.DUMMY_HASH
-    valid, new_hash = await throttle.in_hashing_thread(
-        client,
-        passwords.verify_password,
-        form.password,
-        stored_hash,
-        first=lambda: throttle.count_log_in(key),
+    account = email or form.username  # unknown ones are counted alike
+    valid, new_hash = await throttle.check_password(
+        form.password, user, account, client, device
     )
     if user is None or not valid or not user.is_active:
-        await throttle.end_log_in_counts()
         raise NOT_AUTHENTICATED
-    await throttle.end_log_in_counts(key)  # a right password: counting starts again
+    stored_hash = user.password
     rehashed = Users.objects.filter(id=user.id, password=stored_hash)
     if new_hash and await rehashed.update(password=new_hash):  # older parameters
         stored_hash = new_hash
-    token = secrets.token_urlsafe(32)
+    known = (
+        device and await Devices.objects.filter(digest=device, user=user.id).exists()
+    )
+    token, new_device = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    digest = sessions.token_digest
     if not await sessions.start_session(
-        user.id, stored_hash, sessions.token_digest(token)
+        user.id, stored_hash, digest(token), None if known else digest(new_device)
     ):
         raise NOT_AUTHENTICATED  # deleted, deactivated or its password changed
     response.headers["Cache-Control"] = "no-store"
+    if not known:
+        response.set_cookie(
+            throttle.DEVICE_COOKIE,
+            new_device,
+            max_age=400 * 24 * 3600,  # the longest browsers keep a cookie
+            httponly=True,  # no script reads it
+            samesite="strict",  # no other site's page sends it
+            secure=request.url.scheme == "https",
+        )
     return Token(access_token=token)
 
 
@@ -148,7 +159,11 @@ async def read_me(me: CurrentUser) -> Users:
     responses={**WRONG_PASSWORD, **CONFLICT, **TOO_MANY},
 )
 async def update_me(
-    body: UserUpdate, me: CurrentUser, digest: PresentedDigest, client: ClientAddress
+    body: UserUpdate,
+    me: CurrentUser,
+    digest: PresentedDigest,
+    client: ClientAddress,
+    device: DeviceCookie,
 ) -> Users:
     """Change the email or the password; both need `current_password`."""
     changes: dict[str, Any] = body.model_dump(
@@ -156,7 +171,7 @@ async def update_me(
     )
     if not changes:
         return me
-    await check_current_password(me, body.current_password or "", client)
+    await check_current_password(me, body.current_password or "", client, device)
     if "password" in changes:
         changes["password"] = await throttle.in_hashing_thread(
             client, passwords.hash_password, changes["password"]
@@ -168,8 +183,9 @@ async def update_me(
         with email_must_be_free():
             if not await verified.update(**changes):
                 raise await changed_meanwhile(me)
-        if "password" in changes:  # every other session ends with the old password
+        if "password" in changes:  # every other session and device ends with it
             await Tokens.objects.filter(user=me.id).exclude(digest=digest).delete()
+            await Devices.objects.filter(user=me.id).exclude(digest=device).delete()
     me.update_from_dict(changes)
     return me
 
@@ -179,8 +195,10 @@ async def update_me(
     status_code=status.HTTP_204_NO_CONTENT,
     responses={**WRONG_PASSWORD, **CONFLICT, **TOO_MANY},
 )
-async def delete_me(body: UserDelete, me: CurrentUser, client: ClientAddress) -> None:
+async def delete_me(
+    body: UserDelete, me: CurrentUser, client: ClientAddress, device: DeviceCookie
+) -> None:
     """Delete the account (needs `current_password`); its sessions go with it."""
-    await check_current_password(me, body.current_password, client)
+    await check_current_password(me, body.current_password, client, device)
     if not await Users.objects.filter(id=me.id, password=me.password).delete():
         raise await changed_meanwhile(me)

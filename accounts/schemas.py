@@ -14,6 +14,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+from zxcvbn.frequency_lists import FREQUENCY_LISTS
 
 from db import Users
 
@@ -23,11 +24,26 @@ EMAIL_LENGTH = cast(sqlalchemy.String, Users.ormar_config.table.c.email.type).le
 Email = Annotated[EmailStr, AfterValidator(str.lower), Field(max_length=EMAIL_LENGTH)]
 Password = Annotated[str, Field(min_length=8, max_length=128)]
 email_address = TypeAdapter(Email)
+# zxcvbn's list of the 30,000 passwords most often found in leaks, lower-cased.
+COMMON_PASSWORDS = frozenset(FREQUENCY_LISTS["passwords"])
+
+
+def uncommon(password: str) -> str:
+    if password.lower() in COMMON_PASSWORDS:
+        # The message quotes nothing: 422s never echo what was sent.
+        raise PydanticCustomError(
+            "common_password", "This password is one of the most common; choose another"
+        )
+    return password
+
+
+# A password to be set: refused before any hashing if it is a common one.
+NewPassword = Annotated[Password, AfterValidator(uncommon)]
 
 
 class UserCreate(BaseModel):
     email: Email
-    password: Password
+    password: NewPassword
 
 
 class UserUpdate(BaseModel):
@@ -36,7 +52,7 @@ class UserUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")  # `is_active` and typos are a 422
 
     email: Email | None = None
-    password: Password | None = None
+    password: NewPassword | None = None
     current_password: Password | None = None
 
     @model_validator(mode="after")

@@ -9,7 +9,7 @@ import sqlalchemy
 from fastapi import Depends, HTTPException, status
 from fastapi.security import OAuth2PasswordBearer
 
-from accounts.models import Tokens
+from accounts.models import Devices, Tokens
 from db import Users, database
 
 TOKEN_LIFETIME = timedelta(hours=float(os.environ.get("TOKEN_LIFETIME_HOURS", "24")))
@@ -67,14 +67,18 @@ async def current_user(digest: PresentedDigest) -> Users:
 CurrentUser = Annotated[Users, Depends(current_user)]
 
 
-async def start_session(user_id: int, verified_hash: str, digest: str) -> bool:
-    """Store a session for the user if it is still active with the password verified.
+async def start_session(
+    user_id: int, verified_hash: str, digest: str, device: str | None = None
+) -> bool:
+    """Store a session for the user if it is still active with the password verified,
+    and the client's new device (the digest of its cookie) if given.
 
     The check is part of the INSERT, so an account deleted, deactivated or given a new
     password since the check gets no session. Also ends expired sessions (everyone's)
-    and, past SESSIONS_PER_USER, this user's oldest.
+    and, past SESSIONS_PER_USER, this user's oldest sessions and devices.
     """
     users, tokens = Users.ormar_config.table, Tokens.ormar_config.table
+    devices = Devices.ormar_config.table
     now = datetime.now(UTC)
     account = sqlalchemy.select(
         users.c.id,
@@ -103,4 +107,20 @@ async def start_session(user_id: int, verified_hash: str, digest: str) -> bool:
                 tokens.c.user_id == user_id, tokens.c.digest.not_in(newest)
             )
         )
+        if device is not None:
+            await connection.execute(
+                devices.insert().values(user_id=user_id, digest=device, created_at=now)
+            )
+            newest_devices = (
+                sqlalchemy.select(devices.c.digest)
+                .where(devices.c.user_id == user_id)
+                .order_by(devices.c.created_at.desc())
+                .limit(SESSIONS_PER_USER)
+            )
+            await connection.execute(
+                devices.delete().where(
+                    devices.c.user_id == user_id,
+                    devices.c.digest.not_in(newest_devices),
+                )
+            )
     return True

@@ -1,7 +1,9 @@
 """Who may try how often: a share of the hashing queue per client address, and the
-log-in throttle per account and address, counted in the database."""
+password throttle per account (per address, per device, and in all), counted in the
+database so that one bound holds for every worker and machine."""
 
 import hashlib
+import ipaddress
 import json
 import math
 import os
@@ -15,18 +17,27 @@ import sqlalchemy
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.dialects import postgresql, sqlite
 
-from accounts.models import LogInAttempts
+from accounts import passwords
+from accounts.models import Devices, LogInAttempts
 from accounts.passwords import hashing_limiter
-from db import database
+from db import Users, database
 
 # Sign-ups and log-ins waiting for a hashing thread; past this they get a 503 at once.
 HASHING_QUEUE = int(os.environ.get("PASSWORD_HASHING_QUEUE", "32"))
 # Of those, how many one client address may have waiting or running; past it, a 429.
 HASHING_SHARE = int(os.environ.get("PASSWORD_HASHING_SHARE", "4"))
-# Log-ins per account and client address (wrong passwords) that may come within
+# Password checks per account and client (address, or device) that may come within
 # LOG_IN_PERIOD of each other; past that, a 429 until a period after the last one.
 LOG_IN_ATTEMPTS = int(os.environ.get("LOG_IN_ATTEMPTS", "10"))
+# The same, per account, for every client without the account's device cookie together.
+LOG_IN_ATTEMPTS_PER_ACCOUNT = int(os.environ.get("LOG_IN_ATTEMPTS_PER_ACCOUNT", "100"))
 LOG_IN_PERIOD = timedelta(minutes=float(os.environ.get("LOG_IN_PERIOD_MINUTES", "15")))
+# Proxies (addresses or networks) whose X-Forwarded-For is believed; none by default.
+TRUSTED_PROXIES = [
+    ipaddress.ip_network(proxy, strict=False)
+    for proxy in os.environ.get("TRUSTED_PROXIES", "").replace(",", " ").split()
+]
+DEVICE_COOKIE = "device"
 # Seconds a 429 waits before it is sent: a client that ignores Retry-After then costs
 # one request a second per connection, not hundreds (tests/benchmark.md).
 REFUSAL_PAUSE = 1.0
@@ -39,10 +50,41 @@ def too_many_requests(detail: str, seconds: int = 1) -> HTTPException:
     )
 
 
+def parsed_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(host.strip())
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped  # ::ffff:a.b.c.d is a.b.c.d
+    return address
+
+
+def trusted(host: str) -> bool:
+    address = parsed_address(host)
+    return address is not None and any(address in net for net in TRUSTED_PROXIES)
+
+
 async def client_address(request: Request) -> str:
-    """The client's address as uvicorn reports it: behind a proxy, the proxy's own
-    unless uvicorn trusts its headers (the README's Production section)."""
-    return request.client.host if request.client else ""
+    """What a client is counted as: its IPv4 address, its IPv6 /64 (one machine may
+    have all of it), or "unparsable", one client for every such value.
+
+    The address is the connection's own, unless that is a trusted proxy's: then the
+    nearest address in X-Forwarded-For that no trusted proxy added.
+    """
+    host = request.client.host if request.client else ""
+    if trusted(host):
+        hops = ",".join(request.headers.getlist("x-forwarded-for")).split(",")
+        for hop in reversed([hop for hop in hops if hop.strip()]):
+            host = hop
+            if not trusted(hop):
+                break
+    address = parsed_address(host)
+    if address is None:
+        return "unparsable"
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 ClientAddress = Annotated[str, Depends(client_address)]
@@ -84,13 +126,14 @@ async def in_hashing_thread(
             del hashing_places[client]
 
 
-def log_in_key(client: str, username: str) -> str:
-    """What log-ins are counted by: the address and the account as typed, digested."""
-    return hashlib.sha256(json.dumps([client, username]).encode()).hexdigest()
+def log_in_key(*parts: str) -> str:
+    """What password checks are counted by, such as the client and the account as
+    typed (so no email is stored, and unknown ones count alike), digested."""
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-async def count_log_in(key: str) -> None:
-    """Count a log-in before its password is checked; 429 past LOG_IN_ATTEMPTS.
+async def count_log_in(key: str, limit: int) -> None:
+    """Count a password check on `key` before it is made; 429 past `limit`.
 
     One statement counts and reads the count, so concurrent guesses cannot pass the
     bound together. A refused log-in is not let through later than a period after
@@ -99,12 +142,12 @@ async def count_log_in(key: str) -> None:
     table = LogInAttempts.ormar_config.table
     now = datetime.now(UTC)
     over = table.c.last_attempt_at <= now - LOG_IN_PERIOD
-    allowed = over | (table.c.attempts < LOG_IN_ATTEMPTS)
+    allowed = over | (table.c.attempts < limit)
     dialect = postgresql if database.dialect.name == "postgresql" else sqlite
     upsert = dialect.insert(table).values(digest=key, attempts=1, last_attempt_at=now)
     changes = {
         "attempts": sqlalchemy.case(
-            (over, 1), (allowed, table.c.attempts + 1), else_=LOG_IN_ATTEMPTS + 1
+            (over, 1), (allowed, table.c.attempts + 1), else_=limit + 1
         ),
         "last_attempt_at": sqlalchemy.case(
             (allowed, sqlalchemy.literal(now, table.c.last_attempt_at.type)),
@@ -115,7 +158,7 @@ async def count_log_in(key: str) -> None:
     async with database.get_query_executor() as executor:
         row = await executor.fetch_one(upsert.returning(*table.c))
     assert row is not None
-    if row["attempts"] > LOG_IN_ATTEMPTS:
+    if row["attempts"] > limit:
         last = row["last_attempt_at"]  # naive from SQLite, which stores UTC
         wait = last.replace(tzinfo=last.tzinfo or UTC) + LOG_IN_PERIOD - now
         detail = "Too many log-ins for this account; retry later"
@@ -131,3 +174,48 @@ async def end_log_in_counts(key: str | None = None) -> None:
         ended = ended | (table.c.digest == key)
     async with database.get_query_executor() as executor:
         await executor.execute(table.delete().where(ended))
+
+
+async def device_cookie(request: Request) -> str | None:
+    """The digest of the request's device cookie, if it sent one."""
+    value = request.cookies.get(DEVICE_COOKIE)
+    return hashlib.sha256(value.encode()).hexdigest() if value else None
+
+
+DeviceCookie = Annotated[str | None, Depends(device_cookie)]
+
+
+def allowance(client: str, account: str, device: str | None) -> str:
+    """The key a check is counted on: the account's device's own, or the address's."""
+    return log_in_key("device", device) if device else log_in_key(client, account)
+
+
+async def check_password(
+    password: str, user: Users | None, account: str, client: str, device: str | None
+) -> tuple[bool, str | None]:
+    """Verify a password for `account` (its `user`, or None when there is none), after
+    counting it; 429 past the bounds. What verify_password answers.
+
+    A client that sends one of the account's device cookies (it has logged in to it
+    before) has an allowance of its own. Any other is counted per address, and all
+    of them together per account: many addresses get no more than
+    LOG_IN_ATTEMPTS_PER_ACCOUNT guesses, and the owner's own device still logs in.
+    """
+    # Looked up whenever a cookie is sent, so that it takes as long for any email.
+    found = await Devices.objects.get_or_none(digest=device) if device else None
+    known = device if found and user and found.user.id == user.id else None
+
+    async def count() -> None:
+        await count_log_in(allowance(client, account, known), LOG_IN_ATTEMPTS)
+        if known is None:
+            everyone = log_in_key("any client", account)
+            await count_log_in(everyone, LOG_IN_ATTEMPTS_PER_ACCOUNT)
+
+    stored_hash = user.password if user else passwords.DUMMY_HASH
+    valid, new_hash = await in_hashing_thread(
+        client, passwords.verify_password, password, stored_hash, first=count
+    )
+    right = valid and user is not None and user.is_active
+    # A right password: this client's count starts again (not the account's).
+    await end_log_in_counts(allowance(client, account, known) if right else None)
+    return valid, new_hash

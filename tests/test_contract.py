@@ -281,8 +281,8 @@ async def test_each_case_gets_exactly_its_code(
     if setup["outage"] == "changed":
         check = account_routes.check_current_password
 
-        async def then_changed(user: Users, password: str, client: str) -> None:
-            await check(user, password, client)
+        async def then_changed(user: Users, password: str, *client: Any) -> None:
+            await check(user, password, *client)
             await Users.objects.filter(id=user.id).update(password=passwords.DUMMY_HASH)
 
         monkeypatch.setattr(account_routes, "check_current_password", then_changed)

@@ -142,7 +142,8 @@ async def test_concurrent_guesses_get_no_more_than_the_allowance_through(
     # counting would let most of them through.
     key = throttle.log_in_key("127.0.0.1", "ann@example.com")
     outcomes = await asyncio.gather(
-        *(throttle.count_log_in(key) for _ in range(120)), return_exceptions=True
+        *(throttle.count_log_in(key, throttle.LOG_IN_ATTEMPTS) for _ in range(120)),
+        return_exceptions=True,
     )
     refused = [outcome for outcome in outcomes if outcome is not None]
     assert len(refused) == 110
