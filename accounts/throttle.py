@@ -205,10 +205,11 @@ async def check_password(
     found = await Devices.objects.get_or_none(digest=device) if device else None
     known = device if found and user and found.user.id == user.id else None
 
+    everyone = log_in_key("any client", account)
+
     async def count() -> None:
         await count_log_in(allowance(client, account, known), LOG_IN_ATTEMPTS)
         if known is None:
-            everyone = log_in_key("any client", account)
             await count_log_in(everyone, LOG_IN_ATTEMPTS_PER_ACCOUNT)
 
     stored_hash = user.password if user else passwords.DUMMY_HASH
@@ -216,6 +217,12 @@ async def check_password(
         client, passwords.verify_password, password, stored_hash, first=count
     )
     right = valid and user is not None and user.is_active
-    # A right password: this client's count starts again (not the account's).
+    # A right password: this client's count starts again, and it is no guess of the
+    # account's (whose count goes on: a log-in must not hand guessers more).
     await end_log_in_counts(allowance(client, account, known) if right else None)
+    if right and known is None:
+        table = LogInAttempts.ormar_config.table
+        taken_back = table.update().where(table.c.digest == everyone)
+        async with database.get_query_executor() as executor:
+            await executor.execute(taken_back.values(attempts=table.c.attempts - 1))
     return valid, new_hash

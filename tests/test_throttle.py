@@ -7,6 +7,7 @@ addresses (127.0.0.2 up), which uvicorn reports as other clients.
 """
 
 import asyncio
+import ipaddress
 import re
 import signal
 import socket
@@ -20,15 +21,16 @@ import anyio
 import httpx
 import pytest
 from conftest import copy_of, running_server
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
 
 import main
 from accounts import passwords, throttle
-from accounts.models import LogInAttempts
+from accounts.models import Devices, LogInAttempts
 from support import (
     PASSWORD,
     PROJECT_DIR,
     ClientAt,
+    LoggedIn,
     Server,
     SignUp,
     StartServer,
@@ -195,6 +197,127 @@ async def test_one_address_past_its_share_of_the_queue_gets_429_others_do_not(
     await other.aclose()
     assert statuses == [201] * (throttle.HASHING_SHARE + 1)
     assert throttle.hashing_places == {}  # every place given back
+
+
+@pytest.mark.usefixtures("no_pause")
+async def test_current_password_guesses_count_like_log_ins(
+    client: httpx.AsyncClient, ann: LoggedIn, client_at: ClientAt
+) -> None:
+    # A stolen token guessing the password: the same allowance as a log-in's.
+    me = main.app.url_path_for("read_me")
+    guess = {"email": "ann@example.com", "current_password": WRONG}
+    for i in range(10):
+        method, body = (
+            ("PATCH", guess) if i % 2 else ("DELETE", {"current_password": WRONG})
+        )
+        response = await client.request(method, me, json=body, headers=ann.headers)
+        assert response.status_code == 403
+    for method in ("PATCH", "DELETE"):
+        right = {"email": "ann@example.com", "current_password": PASSWORD}
+        response = await client.request(method, me, json=right, headers=ann.headers)
+        assert response.status_code == 429
+        assert int(response.headers["retry-after"]) > 0
+    assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 429
+    async with client_at("192.0.2.8") as elsewhere:  # the owner, elsewhere
+        right = form("ann@example.com", PASSWORD)
+        assert (await elsewhere.post(TOKEN, data=right)).status_code == 200
+
+
+@pytest.mark.usefixtures("no_pause")
+async def test_many_addresses_get_100_guesses_and_the_owners_device_logs_in(
+    client: httpx.AsyncClient, ann: LoggedIn, client_at: ClientAt
+) -> None:
+    # `client` logged ann in (the `ann` fixture): it holds her device cookie.
+    statuses = []
+    for i in range(120):  # 60 addresses, 2 guesses each: far within 10 per address
+        async with client_at(f"198.51.100.{i // 2}") as guesser:
+            response = await guesser.post(TOKEN, data=form("ann@example.com"))
+            statuses.append(response.status_code)
+    assert statuses == [401] * 100 + [429] * 20
+    right = form("ann@example.com", PASSWORD)
+    async with client_at("198.51.100.0") as newcomer:  # the right password, no cookie
+        assert (await newcomer.post(TOKEN, data=right)).status_code == 429
+    assert (await client.post(TOKEN, data=right)).status_code == 200
+
+
+async def test_a_known_device_keeps_its_cookie_and_a_password_change_ends_the_others(
+    client: httpx.AsyncClient, ann: LoggedIn, client_at: ClientAt
+) -> None:
+    [mine] = await Devices.objects.all()
+    right = form("ann@example.com", PASSWORD)
+    response = await client.post(TOKEN, data=right)
+    assert "set-cookie" not in response.headers  # known: no new one
+    async with client_at("192.0.2.9") as phone:
+        response = await phone.post(TOKEN, data=right)
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith("device=") and "HttpOnly" in cookie
+    assert "SameSite=strict" in cookie and "Secure" not in cookie  # plain http here
+    assert await Devices.objects.count() == 2
+
+    change = {"password": "a-new-s3cret", "current_password": PASSWORD}
+    me = main.app.url_path_for("read_me")
+    response = await client.patch(me, json=change, headers=ann.headers)
+    assert response.status_code == 200
+    assert [d.digest for d in await Devices.objects.all()] == [mine.digest]
+    delete = {"current_password": "a-new-s3cret"}
+    await client.request("DELETE", me, json=delete, headers=ann.headers)
+    assert await Devices.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("host", "forwarded", "proxies", "counted_as"),
+    [
+        ("192.0.2.1", None, "", "192.0.2.1"),
+        ("2001:db8:1:2::5", None, "", "2001:db8:1:2::/64"),
+        ("::ffff:192.0.2.9", None, "", "192.0.2.9"),
+        ("anything-1", None, "", "unparsable"),
+        ("127.0.0.1", "192.0.2.1", "", "127.0.0.1"),  # no proxy trusted by default
+        ("127.0.0.1", "192.0.2.1", "127.0.0.1", "192.0.2.1"),
+        ("127.0.0.2", "192.0.2.1", "127.0.0.1", "127.0.0.2"),  # not that proxy
+        ("127.0.0.1", "203.0.113.5, 192.0.2.1", "127.0.0.1", "192.0.2.1"),
+        ("127.0.0.1", "192.0.2.1, 10.0.0.2", "127.0.0.1 10.0.0.0/8", "192.0.2.1"),
+        ("127.0.0.1", "2001:db8:1:2::7", "127.0.0.1", "2001:db8:1:2::/64"),
+        ("127.0.0.1", "anything-2", "127.0.0.1", "unparsable"),
+        ("127.0.0.1", None, "127.0.0.1", "127.0.0.1"),
+    ],
+)
+async def test_a_client_is_counted_as_its_parsed_address(
+    monkeypatch: pytest.MonkeyPatch,
+    host: str,
+    forwarded: str | None,
+    proxies: str,
+    counted_as: str,
+) -> None:
+    networks = [ipaddress.ip_network(p, strict=False) for p in proxies.split()]
+    monkeypatch.setattr(throttle, "TRUSTED_PROXIES", networks)
+    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+    request = Request({"type": "http", "client": (host, 1), "headers": headers})
+    assert await throttle.client_address(request) == counted_as
+
+
+@pytest.mark.parametrize("password", ["password", "12345678", "Qwerty123"])
+async def test_common_passwords_are_refused_unhashed(
+    client: httpx.AsyncClient,
+    ann: LoggedIn,
+    monkeypatch: pytest.MonkeyPatch,
+    password: str,
+) -> None:
+    hashed: list[str] = []
+    monkeypatch.setattr(passwords, "hash_password", hashed.append)
+    body = {"email": "new@example.com", "password": password}
+    created = await client.post("/users", json=body)
+    change = {"password": password, "current_password": PASSWORD}
+    changed = await client.patch("/users/me", json=change, headers=ann.headers)
+    for response in (created, changed):
+        assert response.status_code == 422
+        assert response.json()["detail"] == [  # a fixed text: it quotes nothing
+            {
+                "type": "common_password",
+                "loc": ["body", "password"],
+                "msg": "This password is one of the most common; choose another",
+            }
+        ]
+    assert hashed == []
 
 
 # Real servers ------------------------------------------------------------------------
