@@ -3,6 +3,7 @@
 import httpx
 import pytest
 
+import main
 from support import PASSWORD, StartServer
 
 pytestmark = pytest.mark.anyio
@@ -50,3 +51,23 @@ def test_a_listed_origin_calls_the_api_with_a_bearer_token(
         me = client.get("/users/me", headers=headers)
         assert me.json()["email"] == "ann@example.com"
         assert me.headers["access-control-allow-origin"] == FRONT_END
+
+
+@pytest.mark.parametrize(
+    ("value", "is_origin"),
+    [
+        ("https://app.example.com", True),
+        ("http://localhost:5173", True),
+        ("http://[::1]:8080", True),
+        ("*", False),  # any page could use its visitors' browsers as log-in guessers
+        ("https://*.example.com", False),
+        ("app.example.com", False),
+        ("https://app.example.com/", False),
+        ("https://app.example.com/path", False),
+        ("https://user@app.example.com", False),
+        ("https://app.example.com:port", False),
+        ("ftp://app.example.com", False),
+    ],
+)
+def test_only_origins_are_taken(value: str, is_origin: bool) -> None:
+    assert main.is_origin(value) is is_origin
