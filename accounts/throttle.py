@@ -51,8 +51,13 @@ def too_many_requests(detail: str, seconds: int = 1) -> HTTPException:
 
 
 def parsed_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    host = host.strip()
+    if host.startswith("["):  # [v6] or [v6]:port, as some proxies write it
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:  # v4:port
+        host = host.partition(":")[0]
     try:
-        address = ipaddress.ip_address(host.strip())
+        address = ipaddress.ip_address(host)
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:

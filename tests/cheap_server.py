@@ -1,6 +1,7 @@
-"""main.app with cheap argon2, served by `uvicorn cheap_server:app --app-dir tests`: the
-fuzzer's server signs up and logs in hundreds of times (~6 s of CPU at full strength).
-Every other server process runs `uvicorn main:app` and hashes as deployed.
+"""main.app with cheap argon2, served by `uvicorn cheap_server:app --app-dir tests`, for
+servers that sign up and log in hundreds of times where hashing is not the subject: the
+fuzzer's, the password-guessing tests'. Every other server process runs `uvicorn
+main:app` and hashes as deployed.
 """
 
 from cheap_hashing import CHEAP_DUMMY_HASH, CHEAP_HASH
