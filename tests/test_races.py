@@ -24,6 +24,7 @@ from anyio.abc import TaskGroup
 from pwdlib import PasswordHash
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+import accounts.routes
 import accounts.sessions
 import main
 from accounts import passwords, throttle
@@ -286,7 +287,7 @@ async def test_a_log_in_during_a_password_changes_commit_starts_no_session(
 ) -> None:
     # The change has written the new hash and ended the other sessions, and not yet
     # committed: a log-in that checked the old password must wait for the commit.
-    monkeypatch.setattr(main, "database", CommitHoldingDatabase())
+    monkeypatch.setattr(accounts.routes, "database", CommitHoldingDatabase())
     engine = create_async_engine(DATABASE_URL, poolclass=sqlalchemy.NullPool)
     body = {"password": "n" * 9, "current_password": PASSWORD}
     for i in range(8):
