@@ -51,12 +51,22 @@ def leave_out_autoincrement(
     return op
 
 
+def no_empty_revision(context: Any, revision: Any, directives: list[Any]) -> None:
+    """Write no revision when autogenerate finds nothing to change."""
+    # Only for `alembic revision --autogenerate`: `alembic check` reads the directives.
+    autogenerating = getattr(config.cmd_opts, "autogenerate", False)
+    if autogenerating and directives[0].upgrade_ops.is_empty():
+        directives[:] = []
+        print("No changes in the models: no revision written.")
+
+
 def configure(**options: Any) -> None:
     context.configure(
         target_metadata=target_metadata,
         compare_type=True,
+        compare_server_default=True,
         render_item=render_item,
-        process_revision_directives=writer,
+        process_revision_directives=writer.chain(no_empty_revision),
         **options,
     )
 
