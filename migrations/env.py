@@ -60,11 +60,26 @@ def no_empty_revision(context: Any, revision: Any, directives: list[Any]) -> Non
         print("No changes in the models: no revision written.")
 
 
+def server_default_changed(
+    context: Any,
+    inspected_column: Any,
+    metadata_column: Any,
+    inspected_default: str | None,
+    metadata_default: Any,
+    rendered_metadata_default: str | None,
+) -> bool | None:
+    # On SQLite `server_default=""` reads back as `('')`, which alembic's comparison
+    # does not unquote (it does other strings): it would see a change every time.
+    if rendered_metadata_default == "" and inspected_default in ("''", "('')"):
+        return False
+    return None  # alembic compares
+
+
 def configure(**options: Any) -> None:
     context.configure(
         target_metadata=target_metadata,
         compare_type=True,
-        compare_server_default=True,
+        compare_server_default=server_default_changed,
         render_item=render_item,
         process_revision_directives=writer.chain(no_empty_revision),
         **options,
