@@ -2,7 +2,7 @@
 
 import asyncio
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from logging.config import fileConfig
 from typing import Any
 
@@ -52,12 +52,37 @@ def leave_out_autoincrement(
     return op
 
 
+def no_empty_revision(context: Any, revision: Any, directives: list[Any]) -> None:
+    """Write no revision when autogenerate finds nothing to change."""
+    # Only for `alembic revision --autogenerate`: `alembic check` reads the directives.
+    autogenerating = getattr(config.cmd_opts, "autogenerate", False)
+    if autogenerating and directives[0].upgrade_ops.is_empty():
+        directives[:] = []
+        print("No changes in the models: no revision written.")
+
+
+def server_default_changed(
+    context: Any,
+    inspected_column: Any,
+    metadata_column: Any,
+    inspected_default: str | None,
+    metadata_default: Any,
+    rendered_metadata_default: str | None,
+) -> bool | None:
+    # On SQLite `server_default=""` reads back as `('')`, which alembic's comparison
+    # does not unquote (it does other strings): it would see a change every time.
+    if rendered_metadata_default == "" and inspected_default in ("''", "('')"):
+        return False
+    return None  # alembic compares
+
+
 def configure(**options: Any) -> None:
     context.configure(
         target_metadata=target_metadata,
         compare_type=True,
+        compare_server_default=server_default_changed,
         render_item=render_item,
-        process_revision_directives=writer,
+        process_revision_directives=writer.chain(no_empty_revision),
         **options,
     )
 
@@ -114,19 +139,52 @@ def sqlite_autoincrement_kept() -> Iterator[None]:
             event.remove(Table, name, listener)
 
 
+def send_begin(connection: Connection) -> None:
+    connection.exec_driver_sql("BEGIN")
+
+
+@contextmanager
+def sqlite_transactional_ddl(connection: Connection) -> Iterator[None]:
+    """Run the whole upgrade in one transaction on SQLite, as on PostgreSQL.
+
+    SQLite's DDL is transactional, but its driver sends BEGIN only before an INSERT or
+    an UPDATE: a revision that failed half-way would leave what it had done (a new
+    table, `_alembic_tmp_users` from batch mode) and the next upgrade would fail on
+    it. So the driver sends no BEGIN of its own, and each begin of this connection
+    sends one; for this migration only (the connection may be a caller's).
+    """
+    driver = connection.connection.dbapi_connection
+    assert driver is not None
+    before = driver.isolation_level
+    driver.isolation_level = None
+    event.listen(connection, "begin", send_begin)
+    try:
+        yield
+    finally:
+        event.remove(connection, "begin", send_begin)
+        driver.isolation_level = before
+
+
 def do_run_migrations(connection: Connection) -> None:
-    if connection.dialect.name == "sqlite" and not connection.in_transaction():
+    sqlite = connection.dialect.name == "sqlite"
+    # One transaction for the whole upgrade, made here on SQLite (PostgreSQL's is
+    # alembic's own), unless the connection came in a transaction of its caller's.
+    one_transaction = sqlite and not connection.in_transaction()
+    if one_transaction:
         # WAL lets readers go on while one writer writes; it is stored in the file.
+        # It cannot be set inside a transaction, so before the one below.
         connection.exec_driver_sql("PRAGMA journal_mode=WAL")
         connection.commit()
     # SQLite cannot ALTER most things in place: batch mode rebuilds the table instead.
     # Foreign keys stay off on this connection (SQLite's default; only the app's engine
     # turns them on): dropping the old table would otherwise delete every row that
     # references it, such as every user's tokens.
-    configure(
-        connection=connection, render_as_batch=connection.dialect.name == "sqlite"
-    )
-    with context.begin_transaction(), sqlite_autoincrement_kept():
+    configure(connection=connection, render_as_batch=sqlite, transactional_ddl=True)
+    with (
+        sqlite_transactional_ddl(connection) if one_transaction else nullcontext(),
+        context.begin_transaction(),
+        sqlite_autoincrement_kept(),
+    ):
         context.run_migrations()
 
 

@@ -1,15 +1,25 @@
 """The migrations: history, upgrade and downgrade, agreement with the models, and the
-tutorial's workflow of changing a model and autogenerating a revision."""
+tutorial's workflow of changing a model and autogenerating a revision.
+
+These tests must keep passing after the user's own changes (.ci/tutorial runs them
+after each step), so none of them reads or rewrites a line of the template's models: a
+test that changes models does it on a model of its own (`probe_models.py`) or on a
+column of its own that it adds to `Users`, in a copy of the project.
+"""
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy
+from alembic.config import Config
+from alembic.script import ScriptDirectory
 from pytest_alembic import MigrationContext
 
 # pytest-alembic's built-in checks: one head; upgrade from empty to head; every
@@ -66,6 +76,29 @@ def users_table(engine: AsyncEngine) -> dict[str, Any]:
     return asyncio.run(run())
 
 
+def database_state(url: str) -> dict[str, Any]:
+    """Every table with its columns and rows (alembic_version's too)."""
+    engine = create_async_engine(url, poolclass=sqlalchemy.NullPool)
+
+    def read(connection: sqlalchemy.Connection) -> dict[str, Any]:
+        state = {}
+        inspector = sqlalchemy.inspect(connection)
+        for table in inspector.get_table_names():
+            columns = {
+                c["name"]: (str(c["type"]), c["nullable"])
+                for c in inspector.get_columns(table)
+            }
+            rows = connection.exec_driver_sql(f'SELECT * FROM "{table}"').all()
+            state[table] = {"columns": columns, "rows": sorted(rows, key=repr)}
+        return state
+
+    async def run() -> dict[str, Any]:
+        async with engine.connect() as connection:
+            return await connection.run_sync(read)
+
+    return asyncio.run(run())
+
+
 def test_the_seed_revisions_build_the_tutorial_schema(
     alembic_runner: MigrationContext, alembic_engine: AsyncEngine
 ) -> None:
@@ -104,15 +137,64 @@ def copy_project(tmp_path: Path) -> Path:
 PROBE = "tutorial_test_probe"
 
 
-def add_field(project: Path, line: str) -> None:
+def add_users_field(project: Path, line: str) -> None:
     """Add a field to Users, wherever it stands in db.py among the user's models."""
     db = project / "db.py"
-    anchor = '    ormar_config = BaseMeta.copy(tablename="users")\n'
-    assert anchor in db.read_text()
-    db.write_text(db.read_text().replace(anchor, f"{anchor}    {line}\n", 1))
+    anchor = r'^([ \t]*)ormar_config = BaseMeta\.copy\(tablename="users"\).*$'
+    text, found = re.subn(
+        anchor, lambda m: f"{m[0]}\n{m[1]}{line}", db.read_text(), count=1, flags=re.M
+    )
+    assert found, f"no line matching {anchor} in db.py"
+    db.write_text(text)
 
 
-def alembic(project: Path, database_url: str, *args: str) -> str:
+def replace(path: Path, old: str, new: str) -> None:
+    assert old in path.read_text(), (path, old)
+    path.write_text(path.read_text().replace(old, new, 1))
+
+
+# A model of the tests' own, with a foreign key to Users, as the tutorial's Posts has.
+PROBE_MODEL = """\
+import uuid
+from datetime import datetime
+
+import ormar
+
+from db import BaseMeta, Users
+
+
+class Probes(ormar.Model):
+    ormar_config = BaseMeta.copy(tablename="probes")
+
+    id: int = ormar.Integer(primary_key=True)
+    user: Users = ormar.ForeignKey(
+        Users,
+        name="user_id",
+        nullable=False,
+        ondelete=ormar.ReferentialAction.CASCADE,
+        related_name="tutorial_test_probes",
+    )
+"""
+
+
+def write_probe_model(project: Path, fields: str) -> None:
+    """Write `probe_models.py` with `fields` besides the id and the foreign key, and
+    import it in migrations/env.py, as tutorial step 5 does for posts/models.py."""
+    (project / "probe_models.py").write_text(PROBE_MODEL + fields)
+    env = project / "migrations" / "env.py"
+    if "import probe_models" not in env.read_text():
+        text, found = re.subn(
+            "^from db import",
+            "import probe_models  # noqa: F401\n\\g<0>",
+            env.read_text(),
+            count=1,
+            flags=re.M,
+        )
+        assert found, "no line starting with 'from db import' in migrations/env.py"
+        env.write_text(text)
+
+
+def alembic(project: Path, database_url: str, *args: str, succeeds: bool = True) -> str:
     """Run the alembic command line in `project`; return what it printed.
 
     Warnings are errors, as in the test suite that runs the same migrations.
@@ -124,95 +206,109 @@ def alembic(project: Path, database_url: str, *args: str) -> str:
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert (result.returncode == 0) == succeeds, output
+    return output
+
+
+def autogenerate(project: Path, database_url: str, message: str) -> str:
+    return alembic(project, database_url, "revision", "--autogenerate", "-m", message)
 
 
 def test_adding_a_field_autogenerates_a_revision_that_upgrades_and_downgrades(
-    tmp_path: Path, empty_database_url: str
+    tmp_path: Path, migrated_url: str
 ) -> None:
     project = copy_project(tmp_path)
-    engine = create_async_engine(empty_database_url, poolclass=sqlalchemy.NullPool)
-    alembic(project, empty_database_url, "upgrade", "head")
+    engine = create_async_engine(migrated_url, poolclass=sqlalchemy.NullPool)
     before = users_table(engine)
-    add_field(
+    add_users_field(
         project, f"{PROBE}: str | None = ormar.String(max_length=32, nullable=True)"
     )
 
-    output = alembic(
-        project, empty_database_url, "revision", "--autogenerate", "-m", PROBE
-    )
+    output = autogenerate(project, migrated_url, PROBE)
     assert f"Detected added column 'users.{PROBE}'" in output
 
-    alembic(project, empty_database_url, "upgrade", "head")
+    alembic(project, migrated_url, "upgrade", "head")
     after = users_table(engine)
     assert after["columns"].pop(PROBE) == ("VARCHAR(32)", True)
     assert after == before
 
-    alembic(project, empty_database_url, "downgrade", "-1")
+    alembic(project, migrated_url, "downgrade", "-1")
     assert users_table(engine) == before
 
 
-def replace(path: Path, old: str, new: str) -> None:
-    assert old in path.read_text(), (path, old)
-    path.write_text(path.read_text().replace(old, new, 1))
+PROBE_FIELDS = """
+    name: str = ormar.String(max_length=32)
+    flag: bool | None = ormar.Boolean(default=True)
+    created_at: datetime = ormar.DateTime(timezone=True)
+    # ormar's UUID column renders as `ormar.fields.sqlalchemy_uuid.CHAR(32)`.
+    key: uuid.UUID | None = ormar.UUID(nullable=True)
+"""
+
+# A longer column, one made NOT NULL, an added index.
+ALTERED_PROBE_FIELDS = """
+    name: str = ormar.String(max_length=48)
+    flag: bool = ormar.Boolean(default=True, nullable=False)
+    created_at: datetime = ormar.DateTime(timezone=True, index=True)
+    key: uuid.UUID | None = ormar.UUID(nullable=True)
+"""
 
 
-def test_altered_columns_autogenerate_a_revision_that_runs_on_either_database(
-    tmp_path: Path, empty_database_url: str
+def test_a_model_and_its_changes_autogenerate_revisions_that_run_on_either_database(
+    tmp_path: Path, migrated_url: str
 ) -> None:
     project = copy_project(tmp_path)
-    alembic(project, empty_database_url, "upgrade", "head")
-    db = project / "db.py"
-    replace(
-        db,
-        "ormar.String(max_length=64, unique=True)",
-        "ormar.String(max_length=96, unique=True)",
+    write_probe_model(project, PROBE_FIELDS)
+    assert "Detected added table 'probes'" in autogenerate(
+        project, migrated_url, "add probes"
     )
-    replace(
-        db, "ormar.Boolean(default=True)", "ormar.Boolean(default=True, nullable=False)"
-    )
-    replace(
-        db,
-        "created_at: datetime = ormar.DateTime(timezone=True)",
-        "created_at: datetime = ormar.DateTime(timezone=True, index=True)",
-    )
+    alembic(project, migrated_url, "upgrade", "head")
 
-    output = alembic(
-        project, empty_database_url, "revision", "--autogenerate", "-m", PROBE
-    )
+    write_probe_model(project, ALTERED_PROBE_FIELDS)
+    output = autogenerate(project, migrated_url, "alter probes")
     assert "Detected type change" in output and "Detected NOT NULL" in output
-    assert "Detected added index 'ix_tokens_created_at'" in output
-    [revision] = (project / "migrations" / "versions").glob(f"*_{PROBE}.py")
+    assert "Detected added index 'ix_probes_created_at'" in output
+    [revision] = (project / "migrations" / "versions").glob("*_alter_probes.py")
     # ormar marks columns autoincrement=False, which only MySQL takes (PostgreSQL warns).
     assert "autoincrement" not in revision.read_text()
 
-    alembic(project, empty_database_url, "upgrade", "head")
-    assert users_table(
-        create_async_engine(empty_database_url, poolclass=sqlalchemy.NullPool)
-    )["columns"]["email"] == ("VARCHAR(96)", False)
+    alembic(project, migrated_url, "upgrade", "head")
+    columns = database_state(migrated_url)["probes"]["columns"]
+    assert columns["name"] == ("VARCHAR(48)", False)
+    assert columns["flag"][1] is False
     assert "No new upgrade operations detected" in alembic(
-        project, empty_database_url, "check"
+        project, migrated_url, "check"
     )
-    alembic(project, empty_database_url, "downgrade", "-1")
+    alembic(project, migrated_url, "downgrade", "-1")
+    columns = database_state(migrated_url)["probes"]["columns"]
+    assert columns["name"] == ("VARCHAR(32)", False)
 
 
-def test_revisions_with_ormar_column_types_run_as_written(
-    tmp_path: Path, empty_database_url: str
+def test_autogenerate_writes_no_empty_revision_and_sees_server_defaults(
+    tmp_path: Path, migrated_url: str
 ) -> None:
-    # ormar's UUID column renders as `ormar.fields.sqlalchemy_uuid.CHAR(32)`.
     project = copy_project(tmp_path)
-    add_field(project, f"{PROBE}: uuid.UUID | None = ormar.UUID(nullable=True)")
-    db = project / "db.py"
-    db.write_text("import uuid\n" + db.read_text())
-
-    alembic(project, empty_database_url, "upgrade", "head")
-    alembic(project, empty_database_url, "revision", "--autogenerate", "-m", PROBE)
-    alembic(project, empty_database_url, "upgrade", "head")
-    assert "No new upgrade operations detected" in alembic(
-        project, empty_database_url, "check"
+    versions = project / "migrations" / "versions"
+    write_probe_model(
+        project,
+        '    label: str = ormar.String(max_length=8, default="", server_default="")\n',
     )
-    alembic(project, empty_database_url, "downgrade", "-1")
+    autogenerate(project, migrated_url, "add probes")
+    alembic(project, migrated_url, "upgrade", "head")
+
+    # Nothing changed: no revision. (On SQLite the empty server default reads back as
+    # `''`; alembic alone would see a change.)
+    written = set(versions.glob("*.py"))
+    output = autogenerate(project, migrated_url, "nothing")
+    assert "No changes in the models: no revision written." in output
+    assert set(versions.glob("*.py")) == written
+
+    write_probe_model(
+        project,
+        '    label: str = ormar.String(max_length=8, default="b", server_default="b")\n',
+    )
+    output = autogenerate(project, migrated_url, "another default")
+    assert "detected server default on column 'probes.label'" in output
 
 
 def run_sql(url: str, *statements: str) -> list[Any]:
@@ -251,30 +347,35 @@ def test_deleting_a_user_deletes_its_tokens(
     assert count == (0,)
 
 
-def test_a_later_rebuild_of_users_keeps_every_token(
-    tmp_path: Path, empty_database_url: str
-) -> None:
-    # On SQLite, batch mode copies `users`, drops the old table and renames the copy:
-    # with foreign keys on, dropping it would cascade to every token.
-    project = copy_project(tmp_path)
-    alembic(project, empty_database_url, "upgrade", "head")
-    run_sql(empty_database_url, *ADD_USER_WITH_TOKEN)
-    db = project / "db.py"
-    db.write_text(
-        db.read_text().replace(
-            "is_active: bool = ormar.Boolean(default=True)",
-            "is_active: bool = ormar.Boolean(default=True, nullable=False)",
-        )
-    )
-    output = alembic(
-        project, empty_database_url, "revision", "--autogenerate", "-m", "x"
-    )
-    assert "Detected NOT NULL on column 'users.is_active'" in output
-    alembic(project, empty_database_url, "upgrade", "head")
+PROBE_COLUMN = f"{PROBE}: str | None = ormar.String(max_length=32, nullable=True)"
 
-    assert run_sql(empty_database_url, "SELECT digest, user_id FROM tokens") == [
-        [("d1", 7)]
-    ]
+
+def add_probe_column(project: Path, database_url: str) -> None:
+    """Give Users a column of the test's own, and migrate."""
+    add_users_field(project, PROBE_COLUMN)
+    autogenerate(project, database_url, "add a probe column")
+    alembic(project, database_url, "upgrade", "head")
+
+
+def rebuild_users(project: Path, database_url: str) -> None:
+    """Lengthen the probe column, and migrate: on SQLite batch mode copies `users`
+    into a new table, drops the old one and renames the copy."""
+    replace(project / "db.py", PROBE_COLUMN, PROBE_COLUMN.replace("=32", "=48"))
+    output = autogenerate(project, database_url, "lengthen the probe column")
+    assert "Detected type change" in output and f"users.{PROBE}" in output
+    alembic(project, database_url, "upgrade", "head")
+
+
+def test_a_later_rebuild_of_users_keeps_every_token(
+    tmp_path: Path, migrated_url: str
+) -> None:
+    # With foreign keys on, dropping the old `users` would cascade to every token.
+    project = copy_project(tmp_path)
+    add_probe_column(project, migrated_url)
+    run_sql(migrated_url, *ADD_USER_WITH_TOKEN)
+    rebuild_users(project, migrated_url)
+
+    assert run_sql(migrated_url, "SELECT digest, user_id FROM tokens") == [[("d1", 7)]]
 
 
 def new_user(url: str, email: str) -> int:
@@ -288,32 +389,117 @@ def new_user(url: str, email: str) -> int:
 
 
 def test_ids_are_never_reused_even_after_a_later_rebuild_of_users(
-    tmp_path: Path, empty_database_url: str
+    tmp_path: Path, migrated_url: str
 ) -> None:
     # A new account with a deleted one's id would inherit what still refers to that id
     # (SQLite hands out the highest id + 1 unless the table has AUTOINCREMENT).
+    new_user(migrated_url, "a@b.co")
+    deleted = new_user(migrated_url, "b@b.co")
+    run_sql(migrated_url, f"DELETE FROM users WHERE id = {deleted}")
+    assert new_user(migrated_url, "c@b.co") > deleted
+
+    # The rebuilt table must keep AUTOINCREMENT and the counter.
     project = copy_project(tmp_path)
-    alembic(project, empty_database_url, "upgrade", "head")
-    new_user(empty_database_url, "a@b.co")
-    deleted = new_user(empty_database_url, "b@b.co")
-    run_sql(empty_database_url, f"DELETE FROM users WHERE id = {deleted}")
-    assert new_user(empty_database_url, "c@b.co") > deleted
+    add_probe_column(project, migrated_url)
+    newest = new_user(migrated_url, "d@b.co")
+    run_sql(migrated_url, f"DELETE FROM users WHERE id = {newest}")
+    rebuild_users(project, migrated_url)
 
-    # An autogenerated change to a users column: SQLite copies the table into a new
-    # one, which must keep AUTOINCREMENT and the counter.
-    newest = new_user(empty_database_url, "d@b.co")
-    run_sql(empty_database_url, f"DELETE FROM users WHERE id = {newest}")
+    assert new_user(migrated_url, "e@b.co") > newest
+
+
+# Written by hand: a new table, a nullable column on a table with rows, then NOT NULL
+# on that column, which fails over the rows' NULLs (on SQLite, while batch mode copies
+# the table into `_alembic_tmp_users`).
+HALF_FAILING_REVISION = """\
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0badc0ffee00"
+down_revision = {head!r}
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("probes", sa.Column("id", sa.Integer(), primary_key=True))
+    op.add_column("users", sa.Column("{probe}", sa.String(8), nullable=True))
+    {fill}
+    with op.batch_alter_table("users") as batch_op:
+        batch_op.alter_column("{probe}", existing_type=sa.String(8), nullable=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("users") as batch_op:
+        batch_op.drop_column("{probe}")
+    op.drop_table("probes")
+"""
+
+
+def test_a_migration_that_fails_changes_nothing(
+    tmp_path: Path, migrated_url: str
+) -> None:
+    project = copy_project(tmp_path)
+    head = ScriptDirectory.from_config(
+        Config(project / "alembic.ini")
+    ).get_current_head()
+    revision = project / "migrations" / "versions" / "0badc0ffee00_half_failing.py"
+    revision.write_text(
+        HALF_FAILING_REVISION.format(head=head, probe=PROBE, fill="pass")
+    )
+    run_sql(migrated_url, *ADD_USER_WITH_TOKEN)
+    new_user(migrated_url, "b@b.co")
+    before = database_state(migrated_url)
+
+    output = alembic(project, migrated_url, "upgrade", "head", succeeds=False)
+    assert "IntegrityError" in output
+    # No new table, no _alembic_tmp_users, no new column, the same revision and rows.
+    assert database_state(migrated_url) == before
+
+    # Corrected, it applies.
+    fill = f"op.execute(\"UPDATE users SET {PROBE} = ''\")"
+    revision.write_text(HALF_FAILING_REVISION.format(head=head, probe=PROBE, fill=fill))
+    alembic(project, migrated_url, "upgrade", "head")
+    after = database_state(migrated_url)
+    assert after["alembic_version"]["rows"] == [("0badc0ffee00",)]
+    assert after["probes"]["rows"] == []
+    assert after["users"]["columns"][PROBE] == ("VARCHAR(8)", False)
+
+
+@pytest.mark.slow
+def test_the_migration_tests_pass_after_a_change_a_user_makes(
+    tmp_path: Path, migrated_url: str, request: pytest.FixtureRequest
+) -> None:
+    # What a user of the template does: a longer email, a column of their own.
+    project = copy_project(tmp_path)
     db = project / "db.py"
-    db.write_text(
-        db.read_text().replace(
-            "email: str = ormar.String(max_length=64,",
-            "email: str = ormar.String(max_length=80,",
-        )
+    text, found = re.subn(
+        r"(email: str = ormar\.String\([^)\n]*max_length=)(\d+)",
+        lambda m: f"{m[1]}{int(m[2]) + 16}",
+        db.read_text(),
     )
-    output = alembic(
-        project, empty_database_url, "revision", "--autogenerate", "-m", "x"
+    assert found == 1, "no single `email: str = ormar.String(max_length=...` in db.py"
+    db.write_text(text)
+    add_users_field(
+        project,
+        "tutorial_test_signature: str | None = ormar.String(max_length=80, nullable=True)",
     )
-    assert "Detected type change" in output and "users.email" in output
-    alembic(project, empty_database_url, "upgrade", "head")
+    output = autogenerate(project, migrated_url, "longer emails, signatures")
+    assert "users.email" in output and "'users.tutorial_test_signature'" in output
+    alembic(project, migrated_url, "upgrade", "head")
 
-    assert new_user(empty_database_url, "e@b.co") > newest
+    # The migration tests of that project, one process on a database of their own
+    # (PostgreSQL: the migrated one; they create theirs next to it), without this one.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.pop("TEST_DATABASE_URL", None)
+    if not migrated_url.startswith("sqlite"):
+        env["TEST_DATABASE_URL"] = migrated_url
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_migrations.py", "-q"]
+        + ["-p", "no:cacheprovider", "-n", "0", "-k", f"not {request.node.name}"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
