@@ -116,25 +116,16 @@ async def log_in(
     rehashed = Users.objects.filter(id=user.id, password=stored_hash)
     if new_hash and await rehashed.update(password=new_hash):  # older parameters
         stored_hash = new_hash
-    known = (
-        device and await Devices.objects.filter(digest=device, user=user.id).exists()
-    )
-    token, new_device = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    digest = sessions.token_digest
+    token = secrets.token_urlsafe(32)
+    if await throttle.is_device_of(device, user):
+        device = None  # it has one: no new one
+    else:
+        device = throttle.new_device_cookie(request, response)
     if not await sessions.start_session(
-        user.id, stored_hash, digest(token), None if known else digest(new_device)
+        user.id, stored_hash, sessions.token_digest(token), device
     ):
         raise NOT_AUTHENTICATED  # deleted, deactivated or its password changed
     response.headers["Cache-Control"] = "no-store"
-    if not known:
-        response.set_cookie(
-            throttle.DEVICE_COOKIE,
-            new_device,
-            max_age=400 * 24 * 3600,  # the longest browsers keep a cookie
-            httponly=True,  # no script reads it
-            samesite="strict",  # no other site's page sends it
-            secure=request.url.scheme == "https",
-        )
     return Token(access_token=token)
 
 

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import math
 import os
+import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ from typing import Annotated, TypeVar
 
 import anyio.to_thread
 import sqlalchemy
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Response, status
 from sqlalchemy.dialects import postgresql, sqlite
 
 from accounts import passwords
@@ -190,6 +191,27 @@ async def device_cookie(request: Request) -> str | None:
 DeviceCookie = Annotated[str | None, Depends(device_cookie)]
 
 
+async def is_device_of(device: str | None, user: Users | None) -> bool:
+    """Whether `device` (a cookie's digest) is one of the user's."""
+    # Looked up whenever a cookie is sent, so that it takes as long for any email.
+    found = await Devices.objects.get_or_none(digest=device) if device else None
+    return found is not None and user is not None and found.user.id == user.id
+
+
+def new_device_cookie(request: Request, response: Response) -> str:
+    """Give the client a device cookie of its own; the digest to store for it."""
+    value = secrets.token_urlsafe(32)
+    response.set_cookie(
+        DEVICE_COOKIE,
+        value,
+        max_age=400 * 24 * 3600,  # the longest browsers keep a cookie
+        httponly=True,  # no script reads it
+        samesite="strict",  # no other site's page sends it
+        secure=request.url.scheme == "https",
+    )
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
 def allowance(client: str, account: str, device: str | None) -> str:
     """The key a check is counted on: the account's device's own, or the address's."""
     return log_in_key("device", device) if device else log_in_key(client, account)
@@ -206,9 +228,7 @@ async def check_password(
     of them together per account: many addresses get no more than
     LOG_IN_ATTEMPTS_PER_ACCOUNT guesses, and the owner's own device still logs in.
     """
-    # Looked up whenever a cookie is sent, so that it takes as long for any email.
-    found = await Devices.objects.get_or_none(digest=device) if device else None
-    known = device if found and user and found.user.id == user.id else None
+    known = device if await is_device_of(device, user) else None
 
     everyone = log_in_key("any client", account)
 
