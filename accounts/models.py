@@ -27,9 +27,10 @@ class Tokens(ormar.Model):
 
 
 class LogInAttempts(ormar.Model):
-    """Log-ins counted per account and client address, for the log-in throttle.
+    """Password checks counted for the throttle: per account and client (an address,
+    or a device), and per account for all clients without a device.
 
-    Keyed by a SHA-256 digest of the address and the email as typed (normalized), so
+    Keyed by a SHA-256 digest of the client and the email as typed (normalized), so
     that an unknown email is counted like a real one and no typed email is stored.
     """
 
