@@ -24,6 +24,7 @@ async def test_no_origin_is_allowed_by_default(client: httpx.AsyncClient) -> Non
     assert "access-control-allow-origin" not in response.headers
 
 
+@pytest.mark.slow
 def test_a_listed_origin_calls_the_api_with_a_bearer_token(
     migrated_url: str, start_server: StartServer
 ) -> None:

@@ -212,6 +212,7 @@ def server(
 on_the_module_server = pytest.mark.xdist_group("throttle_server")
 
 
+@pytest.mark.slow
 @on_the_module_server
 async def test_the_owner_logs_in_from_another_address_while_one_is_throttled(
     server: Server,
@@ -229,6 +230,7 @@ async def test_the_owner_logs_in_from_another_address_while_one_is_throttled(
     assert statuses == [401] * 10 + [429]
 
 
+@pytest.mark.slow
 @on_the_module_server
 async def test_two_workers_and_another_machine_enforce_one_bound(
     server: Server, start_server: StartServer
@@ -314,6 +316,7 @@ async def timed_statuses(
     return outcomes
 
 
+@pytest.mark.slow
 @on_the_module_server
 async def test_a_flood_from_one_address_leaves_others_their_log_ins_and_sign_ups(
     server: Server,
@@ -364,6 +367,7 @@ async def send_head(url: str, head: bytes) -> tuple[bytes, float]:
     return status_line, time.monotonic() - sent
 
 
+@pytest.mark.slow
 @on_the_module_server
 async def test_a_header_past_16_kib_is_refused_at_once(server: Server) -> None:
     def head(token_size: int) -> bytes:
@@ -392,6 +396,7 @@ def test_the_tested_options_are_the_documented_ones() -> None:
     assert re.search(rf"`pipenv run uvicorn main:app [^`]*{options}[^`]*`", readme)
 
 
+@pytest.mark.slow
 async def test_a_stalled_upload_delays_the_shutdown_by_the_timeout_at_most(
     migrated_url: str, start_server: StartServer
 ) -> None:
