@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy
 from pytest_alembic import MigrationContext
 
@@ -128,6 +129,7 @@ def alembic(project: Path, database_url: str, *args: str) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_adding_a_field_autogenerates_a_revision_that_upgrades_and_downgrades(
     tmp_path: Path, empty_database_url: str
 ) -> None:
@@ -158,6 +160,7 @@ def replace(path: Path, old: str, new: str) -> None:
     path.write_text(path.read_text().replace(old, new, 1))
 
 
+@pytest.mark.slow
 def test_altered_columns_autogenerate_a_revision_that_runs_on_either_database(
     tmp_path: Path, empty_database_url: str
 ) -> None:
@@ -197,6 +200,7 @@ def test_altered_columns_autogenerate_a_revision_that_runs_on_either_database(
     alembic(project, empty_database_url, "downgrade", "-1")
 
 
+@pytest.mark.slow
 def test_revisions_with_ormar_column_types_run_as_written(
     tmp_path: Path, empty_database_url: str
 ) -> None:
@@ -251,6 +255,7 @@ def test_deleting_a_user_deletes_its_tokens(
     assert count == (0,)
 
 
+@pytest.mark.slow
 def test_a_later_rebuild_of_users_keeps_every_token(
     tmp_path: Path, empty_database_url: str
 ) -> None:
@@ -287,6 +292,7 @@ def new_user(url: str, email: str) -> int:
     return int(user_id)
 
 
+@pytest.mark.slow
 def test_ids_are_never_reused_even_after_a_later_rebuild_of_users(
     tmp_path: Path, empty_database_url: str
 ) -> None:
