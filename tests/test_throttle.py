@@ -134,6 +134,22 @@ async def test_a_count_ends_a_period_after_its_last_log_in_and_its_row_goes(
 
 
 @pytest.mark.usefixtures("no_pause")
+async def test_a_throttled_address_leaves_the_owner_their_log_in_from_another(
+    client: httpx.AsyncClient, client_at: ClientAt, sign_up: SignUp
+) -> None:
+    await sign_up("ann@example.com")
+    right = form("ann@example.com", PASSWORD)
+    async with client_at("192.0.2.1") as stranger, client_at("192.0.2.2") as owner:
+        statuses = [
+            (await stranger.post(TOKEN, data=form("ann@example.com"))).status_code
+            for _ in range(11)
+        ]
+        assert (await stranger.post(TOKEN, data=right)).status_code == 429
+        assert (await owner.post(TOKEN, data=right)).status_code == 200
+    assert statuses == [401] * 10 + [429]
+
+
+@pytest.mark.usefixtures("no_pause")
 async def test_concurrent_guesses_get_no_more_than_the_allowance_through(
     client: httpx.AsyncClient,
 ) -> None:
