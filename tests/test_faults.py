@@ -444,6 +444,8 @@ async def test_a_flood_of_oversized_bodies_gets_413_and_health_stays_fast(
     # server closed before the rest of the body was sent: its log shows the 413.
     assert all(outcome in (413, "ReadError", "WriteError") for outcome in outcomes)
     assert server.log()[log_before:].count('"POST /users HTTP/1.1" 413') == 32
-    assert max(health) < 0.5
+    # Were the bodies read whole, /health would wait out the flood (over 10 s, measured);
+    # beside two CPU hogs it took up to 0.12 s. 2 s holds with every core busy.
+    assert max(health) < 2
     assert max(rss) - rss[0] < 50 * 1024
     assert_clean_log(server)
