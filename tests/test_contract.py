@@ -395,6 +395,7 @@ async def test_a_declared_length_over_the_limit_gets_413_unread(
     assert response.json() == {"detail": "Request body too large"}
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("shared_server")
 def test_an_openapi_fuzzer_finds_no_undeclared_answer(
     shared_server: Server, tmp_path: Path

@@ -1,10 +1,13 @@
 """Browser front ends: the origins in CORS_ORIGINS may call the API with a bearer token."""
 
+import importlib.util
+
 import httpx
 import pytest
+from fastapi import FastAPI
 
 import main
-from support import PASSWORD, StartServer
+from support import PASSWORD, PROJECT_DIR, LoggedIn, StartServer
 
 pytestmark = pytest.mark.anyio
 
@@ -25,6 +28,44 @@ async def test_no_origin_is_allowed_by_default(client: httpx.AsyncClient) -> Non
     assert "access-control-allow-origin" not in response.headers
 
 
+def app_with(monkeypatch: pytest.MonkeyPatch, **environment: str) -> FastAPI:
+    """main.py run again, as a module of its own, in this environment: the app it
+    builds reads its settings at import, as in a server process."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("main_again", PROJECT_DIR / "main.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert isinstance(module.app, FastAPI)
+    return module.app
+
+
+async def test_listed_origins_call_the_in_process_api_with_a_bearer_token(
+    ann: LoggedIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `ann` has connected the database and logged in, through main.app.
+    origins = f"{FRONT_END}, https://admin.example.com"
+    transport = httpx.ASGITransport(app=app_with(monkeypatch, CORS_ORIGINS=origins))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        allowed = await client.options("/users/me", headers=preflight(FRONT_END))
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == FRONT_END
+        assert "PATCH" in allowed.headers["access-control-allow-methods"]
+        assert "Authorization" in allowed.headers["access-control-allow-headers"]
+
+        other = await client.options(
+            "/users/me", headers=preflight("https://evil.example")
+        )
+        assert other.status_code == 400
+        assert "access-control-allow-origin" not in other.headers
+
+        me = await client.get("/users/me", headers={"Origin": FRONT_END, **ann.headers})
+        assert me.json()["email"] == "ann@example.com"
+        assert me.headers["access-control-allow-origin"] == FRONT_END
+
+
+@pytest.mark.slow
 def test_a_listed_origin_calls_the_api_with_a_bearer_token(
     migrated_url: str, start_server: StartServer
 ) -> None:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -12,7 +13,7 @@ from asgi_lifespan import LifespanManager
 
 from db import Users, database
 from main import app
-from support import PROJECT_DIR
+from support import PROJECT_DIR, LoggedIn
 
 pytestmark = pytest.mark.anyio
 
@@ -50,6 +51,24 @@ async def test_sqlite_is_set_up_for_concurrent_requests(
             ("foreign_keys", 1),
         ]:
             assert await connection.scalar(sqlalchemy.text(f"PRAGMA {pragma}")) == value
+
+
+async def test_killed_connections_answer_503_then_are_replaced_by_themselves(
+    client: httpx.AsyncClient, ann: LoggedIn, sql: Callable[[str], Awaitable[None]]
+) -> None:
+    if database.dialect.name != "postgresql":
+        pytest.skip("SQLite has no server whose connections can be killed")
+    me = app.url_path_for("read_me")
+    assert (await client.get(me, headers=ann.headers)).status_code == 200
+    # Every connection to the database but this statement's, as a failover would.
+    await sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    answers = [await client.get(me, headers=ann.headers) for _ in range(5)]
+    # One request meets a dead connection; SQLAlchemy then drops the whole pool.
+    assert [answer.status_code for answer in answers] == [503] + [200] * 4
+    assert answers[0].headers["retry-after"] == "1"
 
 
 def test_the_sqlite_files_are_readable_by_their_owner_only(

@@ -118,6 +118,7 @@ async def terminate_backends(database_url: str) -> int:
     return killed
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not POSTGRESQL, reason="SQLite has no server whose connections can be killed"
 )
@@ -239,6 +240,7 @@ async def assert_outage_then_recovery(
     assert (await request(client, "GET", "/health")).status == 200
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not POSTGRESQL, reason="SQLite has no server to lose")
 async def test_unreachable_postgresql_answers_503_then_recovers_by_itself(
     migrated_url: str, start_server: StartServer, free_port: Callable[[], int]
@@ -261,6 +263,7 @@ async def test_unreachable_postgresql_answers_503_then_recovers_by_itself(
         proxy.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not POSTGRESQL, reason="SQLite has no server to lose")
 async def test_a_silent_postgresql_answers_503_within_the_connect_timeout(
     test_database_url: str, start_server: StartServer
@@ -283,6 +286,7 @@ async def test_a_silent_postgresql_answers_503_within_the_connect_timeout(
         assert_clean_log(server)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(POSTGRESQL, reason="a PostgreSQL database is not a file")
 async def test_unopenable_sqlite_file_answers_503_then_recovers_by_itself(
     tmp_path: Path, migrate: Callable[[str], None], start_server: StartServer
@@ -309,6 +313,7 @@ async def test_unopenable_sqlite_file_answers_503_then_recovers_by_itself(
         assert_clean_log(log)
 
 
+@pytest.mark.slow
 async def test_sigterm_answers_every_accepted_sign_up_then_exits(
     migrated_url: str, start_server: StartServer
 ) -> None:
@@ -383,6 +388,7 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("shared_server")
 async def test_a_flood_of_oversized_bodies_gets_413_and_health_stays_fast(
     shared_server: Server,
@@ -438,6 +444,8 @@ async def test_a_flood_of_oversized_bodies_gets_413_and_health_stays_fast(
     # server closed before the rest of the body was sent: its log shows the 413.
     assert all(outcome in (413, "ReadError", "WriteError") for outcome in outcomes)
     assert server.log()[log_before:].count('"POST /users HTTP/1.1" 413') == 32
-    assert max(health) < 0.5
+    # Were the bodies read whole, /health would wait out the flood (over 10 s, measured);
+    # beside two CPU hogs it took up to 0.12 s. 2 s holds with every core busy.
+    assert max(health) < 2
     assert max(rss) - rss[0] < 50 * 1024
     assert_clean_log(server)

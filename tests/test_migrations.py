@@ -215,6 +215,7 @@ def autogenerate(project: Path, database_url: str, message: str) -> str:
     return alembic(project, database_url, "revision", "--autogenerate", "-m", message)
 
 
+@pytest.mark.slow  # alembic processes on a copy of the project
 def test_adding_a_field_autogenerates_a_revision_that_upgrades_and_downgrades(
     tmp_path: Path, migrated_url: str
 ) -> None:
@@ -254,6 +255,7 @@ ALTERED_PROBE_FIELDS = """
 """
 
 
+@pytest.mark.slow  # alembic processes on a copy of the project
 def test_a_model_and_its_changes_autogenerate_revisions_that_run_on_either_database(
     tmp_path: Path, migrated_url: str
 ) -> None:
@@ -284,6 +286,7 @@ def test_a_model_and_its_changes_autogenerate_revisions_that_run_on_either_datab
     assert columns["name"] == ("VARCHAR(32)", False)
 
 
+@pytest.mark.slow  # alembic processes on a copy of the project
 def test_autogenerate_writes_no_empty_revision_and_sees_server_defaults(
     tmp_path: Path, migrated_url: str
 ) -> None:
@@ -366,6 +369,7 @@ def rebuild_users(project: Path, database_url: str) -> None:
     alembic(project, database_url, "upgrade", "head")
 
 
+@pytest.mark.slow  # alembic processes on a copy of the project
 def test_a_later_rebuild_of_users_keeps_every_token(
     tmp_path: Path, migrated_url: str
 ) -> None:
@@ -388,6 +392,7 @@ def new_user(url: str, email: str) -> int:
     return int(user_id)
 
 
+@pytest.mark.slow  # alembic processes on a copy of the project
 def test_ids_are_never_reused_even_after_a_later_rebuild_of_users(
     tmp_path: Path, migrated_url: str
 ) -> None:
@@ -436,6 +441,7 @@ def downgrade() -> None:
 """
 
 
+@pytest.mark.slow  # alembic processes on a copy of the project
 def test_a_migration_that_fails_changes_nothing(
     tmp_path: Path, migrated_url: str
 ) -> None:

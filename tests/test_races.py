@@ -402,6 +402,7 @@ async def accounts_with_sessions(
     return [{"Authorization": f"Bearer {token}"} for token in issued]
 
 
+@pytest.mark.slow
 async def test_log_ins_racing_their_accounts_deletion_never_get_a_500(
     one_hashing_thread: Server,
 ) -> None:

@@ -143,6 +143,22 @@ async def test_a_count_ends_a_period_after_its_last_log_in_and_its_row_goes(
 
 
 @pytest.mark.usefixtures("no_pause")
+async def test_a_throttled_address_leaves_the_owner_their_log_in_from_another(
+    client: httpx.AsyncClient, client_at: ClientAt, sign_up: SignUp
+) -> None:
+    await sign_up("ann@example.com")
+    right = form("ann@example.com", PASSWORD)
+    async with client_at("192.0.2.1") as stranger, client_at("192.0.2.2") as owner:
+        statuses = [
+            (await stranger.post(TOKEN, data=form("ann@example.com"))).status_code
+            for _ in range(11)
+        ]
+        assert (await stranger.post(TOKEN, data=right)).status_code == 429
+        assert (await owner.post(TOKEN, data=right)).status_code == 200
+    assert statuses == [401] * 10 + [429]
+
+
+@pytest.mark.usefixtures("no_pause")
 async def test_concurrent_guesses_get_no_more_than_the_allowance_through(
     client: httpx.AsyncClient,
 ) -> None:
@@ -345,6 +361,7 @@ def server(
 on_the_module_server = pytest.mark.xdist_group("throttle_server")
 
 
+@pytest.mark.slow
 @on_the_module_server
 async def test_the_owner_logs_in_from_another_address_while_one_is_throttled(
     server: Server,
@@ -362,6 +379,7 @@ async def test_the_owner_logs_in_from_another_address_while_one_is_throttled(
     assert statuses == [401] * 10 + [429]
 
 
+@pytest.mark.slow
 @on_the_module_server
 async def test_two_workers_and_another_machine_enforce_one_bound(
     server: Server, start_server: StartServer
@@ -386,9 +404,14 @@ async def test_two_workers_and_another_machine_enforce_one_bound(
 
 
 async def send_until(
-    url: str, address: str, until: float, request: Callable[[str], bytes]
-) -> int:
-    """One hostile connection: requests for random emails back to back until `until`.
+    url: str,
+    address: str,
+    until: float,
+    request: Callable[[str], bytes],
+    hashed: list[float],
+) -> None:
+    """One hostile connection: requests for random emails back to back until `until`,
+    noting in `hashed` when each answer that needed a hash came.
 
     Raw HTTP/1.1 on one keep-alive connection: an attacker's client costs this
     process little CPU, which the server shares.
@@ -397,11 +420,12 @@ async def send_until(
     reader, writer = await asyncio.open_connection(
         host, int(port), local_addr=(address, 0)
     )
-    sent = 0
     try:
         while time.monotonic() < until:
             writer.write(request(f"{uuid.uuid4().hex}@example.com"))
-            sent += 1
+            status = (await reader.readline()).split()[1]  # HTTP/1.1 201 Created
+            if status in (b"201", b"401"):  # a sign-up, a wrong password: hashed
+                hashed.append(time.monotonic())
             length = 0
             while (line := await reader.readline()) != b"\r\n":
                 if line.lower().startswith(b"content-length:"):
@@ -409,7 +433,6 @@ async def send_until(
             await reader.readexactly(length)
     finally:  # also when the test cancels it
         writer.close()
-    return sent
 
 
 def http_post(path: str, content_type: str, body: str) -> bytes:
@@ -435,18 +458,20 @@ Requests = list[tuple[str, dict[str, Any]]]  # path, options for client.post
 async def timed_statuses(
     client: httpx.AsyncClient, requests: Requests
 ) -> list[tuple[int | str, float]]:
-    """Each request in turn, with a 3 s timeout: its status (or error) and seconds."""
+    """Each request in turn: its status (or error) and seconds. The timeout is only
+    a safety net: the test compares the seconds with the server's pace."""
     outcomes: list[tuple[int | str, float]] = []
     for path, options in requests:
         sent = time.monotonic()
         try:
-            response = await client.post(path, timeout=3, **options)
+            response = await client.post(path, timeout=30, **options)
             outcomes.append((response.status_code, time.monotonic() - sent))
         except httpx.TimeoutException:
             outcomes.append(("timeout", time.monotonic() - sent))
     return outcomes
 
 
+@pytest.mark.slow
 @on_the_module_server
 async def test_a_flood_from_one_address_leaves_others_their_log_ins_and_sign_ups(
     server: Server,
@@ -462,21 +487,37 @@ async def test_a_flood_from_one_address_leaves_others_their_log_ins_and_sign_ups
             ("/users", {"json": {"email": f"dee{i}@example.com", "password": PASSWORD}})
             for i in range(5)
         ]
-        until = time.monotonic() + 60
+        until = time.monotonic() + 300  # a safety net: the test stops it
+        flood_hashed: list[float] = []
         async with anyio.create_task_group() as flood:
             for i in range(48):
                 request = (wrong_log_in, sign_up_request)[i % 2]
-                flood.start_soon(send_until, server.url, "127.0.0.5", until, request)
+                flood.start_soon(
+                    send_until, server.url, "127.0.0.5", until, request, flood_hashed
+                )
             await anyio.sleep(1)  # the flood under way
             # One user at a time: the two would queue behind each other's hashes too.
+            start = time.monotonic()
             outcomes = {
                 "log-ins": await timed_statuses(ann, log_ins),
                 "sign-ups": await timed_statuses(bob, sign_ups),
             }
+            end = time.monotonic()
             flood.cancel_scope.cancel()
-    print(f"\nduring a 48-connection flood from one address: {outcomes}")
-    assert sum(status == 200 for status, _ in outcomes["log-ins"]) >= 9, outcomes
-    assert sum(status == 201 for status, _ in outcomes["sign-ups"]) >= 4, outcomes
+    # The server's pace meanwhile, whatever else the machine runs: seconds per hash,
+    # the users' and the flood's.
+    hashes = len(log_ins) + len(sign_ups) + sum(start <= t <= end for t in flood_hashed)
+    per_hash = (end - start) / hashes
+    print(f"\n{per_hash:.2f} s per hash during a 48-connection flood from one address")
+    print(outcomes)
+    # Every request answered, none refused, none waiting much longer than its own hash
+    # and the flood's share of the queue ahead of it: 5 hashes' time, measured up to 7.
+    # Without the share, one waited for about 37.
+    bound = 3 * (main.HASHING_SHARE + 1) * per_hash
+    for kind, status in (("log-ins", 200), ("sign-ups", 201)):
+        assert all(
+            answer == status and seconds < bound for answer, seconds in outcomes[kind]
+        ), (bound, outcomes)
 
 
 async def send_head(url: str, head: bytes) -> tuple[bytes, float]:
@@ -497,6 +538,7 @@ async def send_head(url: str, head: bytes) -> tuple[bytes, float]:
     return status_line, time.monotonic() - sent
 
 
+@pytest.mark.slow
 @on_the_module_server
 async def test_a_header_past_16_kib_is_refused_at_once(server: Server) -> None:
     def head(token_size: int) -> bytes:
@@ -525,6 +567,7 @@ def test_the_tested_options_are_the_documented_ones() -> None:
     assert re.search(rf"`pipenv run uvicorn main:app [^`]*{options}[^`]*`", readme)
 
 
+@pytest.mark.slow
 async def test_a_stalled_upload_delays_the_shutdown_by_the_timeout_at_most(
     migrated_url: str, start_server: StartServer
 ) -> None:

@@ -331,5 +331,7 @@ async def test_other_requests_are_served_while_passwords_hash(
             waits.append(time.perf_counter() - started)
             started = time.perf_counter()
 
-    # Hashing on the event loop would hold the first of these for all eight hashes.
-    assert max(waits) < one_sign_up
+    # Hashing on the event loop would hold the first of these for all eight hashes
+    # (measured: 6.5-9 times one sign-up); here each waits for itself (0.1 times).
+    # One sign-up is timed here, under whatever else the machine runs.
+    assert max(waits) < 3 * one_sign_up

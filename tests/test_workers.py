@@ -45,6 +45,7 @@ def busy_workers(server: Server, before: list[float]) -> int:
     return sum(end - start > 0.02 for start, end in zip(before, after, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_two_workers_serve_the_api_on_one_database(server: Server) -> None:
     statuses: list[int] = []
