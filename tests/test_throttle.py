@@ -513,7 +513,7 @@ async def test_a_flood_from_one_address_leaves_others_their_log_ins_and_sign_ups
     # Every request answered, none refused, none waiting much longer than its own hash
     # and the flood's share of the queue ahead of it: 5 hashes' time, measured up to 7.
     # Without the share, one waited for about 37.
-    bound = 3 * (main.HASHING_SHARE + 1) * per_hash
+    bound = 3 * (throttle.HASHING_SHARE + 1) * per_hash
     for kind, status in (("log-ins", 200), ("sign-ups", 201)):
         assert all(
             answer == status and seconds < bound for answer, seconds in outcomes[kind]
