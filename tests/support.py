@@ -2,10 +2,12 @@
 clients of real servers), and the types of conftest's fixtures (the fixtures themselves
 come as test arguments, never as imports)."""
 
+import importlib.util
 import subprocess
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 import httpx
@@ -13,6 +15,17 @@ import httpx
 PASSWORD = "s3cret-pass"
 
 PROJECT_DIR = Path(__file__).parent.parent
+
+
+def imported_again(file: str) -> ModuleType:
+    """One of the project's files (main.py, db.py) run again as a module of its own:
+    it reads os.environ at import, as in a new process, without starting one."""
+    path = PROJECT_DIR / file
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_again", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass

@@ -19,7 +19,7 @@ import main
 from accounts import passwords, sessions, throttle
 from accounts.models import Tokens
 from db import Users
-from support import PASSWORD, PROJECT_DIR, LoggedIn, LogIn, SignUp
+from support import PASSWORD, PROJECT_DIR, LoggedIn, LogIn, SignUp, imported_again
 
 pytestmark = pytest.mark.anyio
 
@@ -256,6 +256,7 @@ def printed(process: "subprocess.Popen[str]") -> list[int]:
     return [int(line) for line in stdout.split()]
 
 
+@pytest.mark.slow
 def test_hashing_threads_follow_the_cpus_the_process_may_use() -> None:
     available = sorted(os.sched_getaffinity(0))
     if len(available) < 2:
@@ -273,6 +274,26 @@ def test_hashing_threads_follow_the_cpus_the_process_may_use() -> None:
     # One core stays with the event loop; a setting overrides the count.
     assert printed(default) == [1, 2, 1]
     assert printed(overridden) == [4]
+
+
+def test_hashing_threads_follow_the_cpus_in_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        pytest.skip("needs two CPUs to tell one from the other")
+    monkeypatch.delenv("PASSWORD_HASHING_THREADS", raising=False)
+    # This thread's CPUs, which is what accounts/passwords.py reads; no thread starts meanwhile.
+    try:
+        os.sched_setaffinity(0, available[:2])
+        again = imported_again("accounts/passwords.py")
+        assert again.HASHING_THREADS == 1  # a core for the loop
+        os.sched_setaffinity(0, available[:1])
+        assert passwords.usable_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, available)
+    monkeypatch.setenv("PASSWORD_HASHING_THREADS", "4")
+    assert imported_again("accounts/passwords.py").HASHING_THREADS == 4
 
 
 async def test_no_password_in_any_log_line(

@@ -1,13 +1,11 @@
 """Browser front ends: the origins in CORS_ORIGINS may call the API with a bearer token."""
 
-import importlib.util
-
 import httpx
 import pytest
 from fastapi import FastAPI
 
 import main
-from support import PASSWORD, PROJECT_DIR, LoggedIn, StartServer
+from support import PASSWORD, LoggedIn, StartServer, imported_again
 
 pytestmark = pytest.mark.anyio
 
@@ -29,16 +27,12 @@ async def test_no_origin_is_allowed_by_default(client: httpx.AsyncClient) -> Non
 
 
 def app_with(monkeypatch: pytest.MonkeyPatch, **environment: str) -> FastAPI:
-    """main.py run again, as a module of its own, in this environment: the app it
-    builds reads its settings at import, as in a server process."""
+    """The app that main.py builds in this environment (it reads it at import)."""
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    spec = importlib.util.spec_from_file_location("main_again", PROJECT_DIR / "main.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert isinstance(module.app, FastAPI)
-    return module.app
+    app = imported_again("main.py").app
+    assert isinstance(app, FastAPI)
+    return app
 
 
 async def test_listed_origins_call_the_in_process_api_with_a_bearer_token(

@@ -13,7 +13,7 @@ from asgi_lifespan import LifespanManager
 
 from db import Users, database
 from main import app
-from support import PROJECT_DIR, LoggedIn
+from support import PROJECT_DIR, LoggedIn, imported_again
 
 pytestmark = pytest.mark.anyio
 
@@ -71,6 +71,19 @@ async def test_killed_connections_answer_503_then_are_replaced_by_themselves(
     assert answers[0].headers["retry-after"] == "1"
 
 
+def test_a_new_sqlite_file_is_readable_by_its_owner_only_in_process(
+    tmp_path: Path, test_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not test_database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL keeps its own files")
+    path = tmp_path / "app.sqlite"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite+aiosqlite:///{path}")
+    # db.py creates the file at import; SQLite gives the -wal and -shm files its mode.
+    imported_again("db.py")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.slow
 def test_the_sqlite_files_are_readable_by_their_owner_only(
     tmp_path: Path, test_database_url: str
 ) -> None:

@@ -5,13 +5,14 @@ import os
 import re
 import subprocess
 import sys
+import traceback
 
 import pytest
 from sqlalchemy import make_url, pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db import async_url
-from support import PROJECT_DIR
+from support import PROJECT_DIR, imported_again
 
 
 @pytest.mark.parametrize(
@@ -56,6 +57,7 @@ def test_other_drivers_are_refused_with_what_to_write(url: str, instead: str) ->
     assert str(error.value).startswith(f"DATABASE_URL: {url.split('://')[0]}://")
 
 
+@pytest.mark.slow
 def test_an_unknown_driver_fails_at_import_with_one_line() -> None:
     result = subprocess.run(
         [sys.executable, "-c", "import db"],
@@ -71,6 +73,20 @@ def test_an_unknown_driver_fails_at_import_with_one_line() -> None:
         "install; write postgresql+asyncpg:// or sqlite+aiosqlite:// instead"
     )
     assert "secret" not in result.stderr
+
+
+def test_an_unknown_driver_fails_at_import_in_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "mysql://u:secret@host/app")
+    with pytest.raises(ValueError) as error:
+        imported_again("db.py")
+    printed = traceback.format_exception(error.value)  # as Python prints it, uncaught
+    assert printed[-1] == (
+        "ValueError: DATABASE_URL: mysql:// needs a driver this project does not "
+        "install; write postgresql+asyncpg:// or sqlite+aiosqlite:// instead\n"
+    )
+    assert "secret" not in "".join(printed)
 
 
 def test_the_sync_form_of_the_test_database_connects(test_database_url: str) -> None:
