@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, Inspector
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 # Models kept in other modules must be imported here, so that autogenerate sees
-# their tables in the metadata (see tests/tutorial.md, step 5).
+# their tables in the metadata (see tests/tutorial.md, step 6).
 import accounts.models  # noqa: F401  (the accounts' tables)
 from db import DATABASE_URL, BaseMeta
 
