@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from accounts import passwords, sessions, throttle
 from accounts.models import Devices, Tokens
 from accounts.schemas import (
+    CREDENTIALS,
     Token,
     UserCreate,
     UserDelete,
@@ -156,11 +157,16 @@ async def update_me(
     client: ClientAddress,
     device: DeviceCookie,
 ) -> Users:
-    """Change the email or the password; both need `current_password`."""
+    """Change the fields sent (null clears one); the email and the password need
+    `current_password`, other fields (see `UserUpdate`) do not."""
     changes: dict[str, Any] = body.model_dump(
-        exclude_none=True, exclude={"current_password"}
+        exclude_unset=True, exclude={"current_password"}
     )
-    if not changes:
+    if CREDENTIALS.isdisjoint(changes):
+        # The owner's own fields: the token is enough, and no password is guessed.
+        if changes and not await Users.objects.filter(id=me.id).update(**changes):
+            raise NOT_AUTHENTICATED  # deleted meanwhile
+        me.update_from_dict(changes)
         return me
     await check_current_password(me, body.current_password or "", client, device)
     if "password" in changes:

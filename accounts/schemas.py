@@ -10,7 +10,9 @@ from pydantic import (
     EmailStr,
     Field,
     TypeAdapter,
+    ValidationInfo,
     create_model,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -46,8 +48,13 @@ class UserCreate(BaseModel):
     password: NewPassword
 
 
+# What takes the account over: changing either needs `current_password`.
+CREDENTIALS = frozenset({"email", "password"})
+
+
 class UserUpdate(BaseModel):
-    """Leave a field out (or null) to keep its value."""
+    """Leave a field out to keep its value; null clears an optional one. Fields of
+    `Users` added here besides the credentials (a nickname, say) need no password."""
 
     model_config = ConfigDict(extra="forbid")  # `is_active` and typos are a 422
 
@@ -55,10 +62,23 @@ class UserUpdate(BaseModel):
     password: NewPassword | None = None
     current_password: Password | None = None
 
+    @field_validator("*")
+    @classmethod
+    def null_only_where_the_column_takes_it(
+        cls, value: object, info: ValidationInfo
+    ) -> object:
+        # Runs on the fields sent: null for a NOT NULL column (the email) is a 422.
+        field = Users.ormar_config.model_fields.get(info.field_name or "")
+        if value is None and field is not None and not field.nullable:
+            raise PydanticCustomError(
+                "null_not_allowed", "This field cannot be cleared; leave it out"
+            )
+        return value
+
     @model_validator(mode="after")
     def current_password_for_credentials(self) -> Self:
         # A stolen token alone must not be enough to take the account over.
-        if (self.email or self.password) and self.current_password is None:
+        if CREDENTIALS & self.model_fields_set and self.current_password is None:
             raise PydanticCustomError(
                 "current_password_missing",
                 "current_password is required to change email or password",

@@ -302,8 +302,10 @@ def running_server(
     env: dict[str, str] | None = None,
     ready_path: str = "/health",
     app: str = "main:app",
+    project: Path = PROJECT_DIR,
 ) -> Iterator[Server]:
-    """Run `uvicorn main:app` on a database until it answers 200 on `ready_path`.
+    """Run `uvicorn main:app` in `project` on a database until it answers 200 on
+    `ready_path`.
 
     On the way out the process gets a SIGTERM, unless the test has stopped it already.
     """
@@ -312,7 +314,7 @@ def running_server(
         process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", app, "--port", str(port)]
             + list(uvicorn_args),
-            cwd=PROJECT_DIR,
+            cwd=project,
             env={**os.environ, **(env or {}), "DATABASE_URL": database_url},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -346,9 +348,15 @@ def start_server(tmp_path: Path) -> StartServer:
         *uvicorn_args: str,
         env: dict[str, str] | None = None,
         ready_path: str = "/health",
+        project: Path = PROJECT_DIR,
     ) -> AbstractContextManager[Server]:
         return running_server(
-            database_url, next(logs), *uvicorn_args, env=env, ready_path=ready_path
+            database_url,
+            next(logs),
+            *uvicorn_args,
+            env=env,
+            ready_path=ready_path,
+            project=project,
         )
 
     return start

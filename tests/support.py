@@ -3,7 +3,11 @@ clients of real servers), and the types of conftest's fixtures (the fixtures the
 come as test arguments, never as imports)."""
 
 import importlib.util
+import os
+import re
+import shutil
 import subprocess
+import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +109,8 @@ class Server:
 
 
 class StartServer(Protocol):
-    """Run `uvicorn main:app` on a database until it answers 200 on `ready_path`."""
+    """Run `uvicorn main:app` in `project` (this one by default) on a database until it
+    answers 200 on `ready_path`."""
 
     def __call__(
         self,
@@ -113,4 +118,72 @@ class StartServer(Protocol):
         *uvicorn_args: str,
         env: dict[str, str] | None = None,
         ready_path: str = "/health",
+        project: Path = PROJECT_DIR,
     ) -> AbstractContextManager[Server]: ...
+
+
+# A copy of the project, changed as a user changes theirs -----------------------------
+
+# A field name no user will add to Users (the README's example is `nickname`): the
+# tests add it to Users as the user has left it.
+PROBE = "tutorial_test_probe"
+PROBE_COLUMN = f"{PROBE}: str | None = ormar.String(max_length=32, nullable=True)"
+
+
+def copy_project(tmp_path: Path) -> Path:
+    """The whole project as it is now (with the user's own modules and revisions),
+    copied so that the test may change it."""
+    copy = tmp_path / "project"
+    shutil.copytree(
+        PROJECT_DIR,
+        copy,
+        ignore=shutil.ignore_patterns(
+            ".venv",
+            ".git",
+            "__pycache__",
+            ".pytest_cache",
+            ".mypy_cache",
+            ".ruff_cache",
+            "db.sqlite*",
+        ),
+    )
+    return copy
+
+
+def add_users_field(project: Path, line: str) -> None:
+    """Add a field to Users, wherever it stands in db.py among the user's models."""
+    db = project / "db.py"
+    anchor = r'^([ \t]*)ormar_config = BaseMeta\.copy\(tablename="users"\).*$'
+    text, found = re.subn(
+        anchor, lambda m: f"{m[0]}\n{m[1]}{line}", db.read_text(), count=1, flags=re.M
+    )
+    assert found, f"no line matching {anchor} in db.py"
+    db.write_text(text)
+
+
+def alembic(project: Path, database_url: str, *args: str, succeeds: bool = True) -> str:
+    """Run the alembic command line in `project`; return what it printed.
+
+    Warnings are errors, as in the test suite that runs the same migrations.
+    """
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "alembic", *args],
+        cwd=project,
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+    )
+    output = result.stdout + result.stderr
+    assert (result.returncode == 0) == succeeds, output
+    return output
+
+
+def autogenerate(project: Path, database_url: str, message: str) -> str:
+    return alembic(project, database_url, "revision", "--autogenerate", "-m", message)
+
+
+def add_probe_column(project: Path, database_url: str) -> None:
+    """Give Users a column of the test's own, and migrate."""
+    add_users_field(project, PROBE_COLUMN)
+    autogenerate(project, database_url, "add a probe column")
+    alembic(project, database_url, "upgrade", "head")

@@ -10,7 +10,6 @@ column of its own that it adds to `Users`, in a copy of the project.
 import asyncio
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,15 @@ from pytest_alembic.tests import (  # noqa: F401
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from support import PROJECT_DIR
+from support import (
+    PROBE,
+    PROBE_COLUMN,
+    add_probe_column,
+    add_users_field,
+    alembic,
+    autogenerate,
+    copy_project,
+)
 
 # The seed's newest revision: users add theirs on top, so the seed's schema is
 # checked here, not at head.
@@ -112,42 +119,6 @@ def test_the_seed_revisions_build_the_tutorial_schema(
     assert users_table(alembic_engine) == TUTORIAL_SCHEMA
 
 
-def copy_project(tmp_path: Path) -> Path:
-    """The whole project as it is now (with the user's own modules and revisions),
-    copied so that the test may change it."""
-    copy = tmp_path / "project"
-    shutil.copytree(
-        PROJECT_DIR,
-        copy,
-        ignore=shutil.ignore_patterns(
-            ".venv",
-            ".git",
-            "__pycache__",
-            ".pytest_cache",
-            ".mypy_cache",
-            ".ruff_cache",
-            "db.sqlite*",
-        ),
-    )
-    return copy
-
-
-# A field name no user will add to Users (the README's example is `nickname`): the
-# tests add it to Users as the user has left it.
-PROBE = "tutorial_test_probe"
-
-
-def add_users_field(project: Path, line: str) -> None:
-    """Add a field to Users, wherever it stands in db.py among the user's models."""
-    db = project / "db.py"
-    anchor = r'^([ \t]*)ormar_config = BaseMeta\.copy\(tablename="users"\).*$'
-    text, found = re.subn(
-        anchor, lambda m: f"{m[0]}\n{m[1]}{line}", db.read_text(), count=1, flags=re.M
-    )
-    assert found, f"no line matching {anchor} in db.py"
-    db.write_text(text)
-
-
 def replace(path: Path, old: str, new: str) -> None:
     assert old in path.read_text(), (path, old)
     path.write_text(path.read_text().replace(old, new, 1))
@@ -192,27 +163,6 @@ def write_probe_model(project: Path, fields: str) -> None:
         )
         assert found, "no line starting with 'from db import' in migrations/env.py"
         env.write_text(text)
-
-
-def alembic(project: Path, database_url: str, *args: str, succeeds: bool = True) -> str:
-    """Run the alembic command line in `project`; return what it printed.
-
-    Warnings are errors, as in the test suite that runs the same migrations.
-    """
-    result = subprocess.run(
-        [sys.executable, "-W", "error", "-m", "alembic", *args],
-        cwd=project,
-        env={**os.environ, "DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-    )
-    output = result.stdout + result.stderr
-    assert (result.returncode == 0) == succeeds, output
-    return output
-
-
-def autogenerate(project: Path, database_url: str, message: str) -> str:
-    return alembic(project, database_url, "revision", "--autogenerate", "-m", message)
 
 
 @pytest.mark.slow  # alembic processes on a copy of the project
@@ -348,16 +298,6 @@ def test_deleting_a_user_deletes_its_tokens(
         "SELECT count(*) FROM tokens",
     )[1]
     assert count == (0,)
-
-
-PROBE_COLUMN = f"{PROBE}: str | None = ormar.String(max_length=32, nullable=True)"
-
-
-def add_probe_column(project: Path, database_url: str) -> None:
-    """Give Users a column of the test's own, and migrate."""
-    add_users_field(project, PROBE_COLUMN)
-    autogenerate(project, database_url, "add a probe column")
-    alembic(project, database_url, "upgrade", "head")
 
 
 def rebuild_users(project: Path, database_url: str) -> None:
