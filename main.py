@@ -1,8 +1,10 @@
 """The app's wiring: its lifespan, middleware, error answers and routers."""
 
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from pathlib import Path
@@ -19,6 +21,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import accounts
@@ -137,6 +141,8 @@ def unavailable(detail: str = "Service unavailable") -> HTTPException:
     )
 
 
+# What a 422 says of a value sent that the database refused to store.
+OUT_OF_RANGE = "A number out of the range the database can store"
 UNSTORABLE = "A value the database cannot store, such as a NUL character"
 
 
@@ -161,19 +167,107 @@ async def validation_failed(
     return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
+def as_integer(value: object) -> int | None:
+    """The integer that a value sent stands for, as pydantic reads one ("12", 12.0)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, int | str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    return None
+
+
+def wider_than(bits: int) -> Callable[[object], bool]:
+    """Whether a value sent is an integer that needs more than `bits` (signed)."""
+    limit = 2 ** (bits - 1)
+
+    def wider(value: object) -> bool:
+        number = as_integer(value)
+        return number is not None and not -limit <= number < limit
+
+    return wider
+
+
+def has_nul(value: object) -> bool:
+    return isinstance(value, str) and "\x00" in value
+
+
+# The `type` and `msg` of a 422 for a value the database refused, and how to tell
+# such a value among the ones sent.
+Refusal = tuple[str, str, Callable[[object], bool]]
+
+
+def refusal(error: Exception) -> Refusal | None:
+    """What the database refused, if the error is that it refused a value sent (the
+    statement failed: nothing was written)."""
+    text = str(getattr(error, "orig", error))
+    if isinstance(error, OverflowError) and "SQLite" in text:  # sqlite3: past 64 bits
+        return "out_of_range", OUT_OF_RANGE, wider_than(64)
+    # PostgreSQL's data exceptions (SQLite stores these values).
+    if not str(getattr(getattr(error, "orig", None), "sqlstate", "")).startswith("22"):
+        return None
+    if bits := re.search(r"out of int(\d+) range", text):  # asyncpg, before sending
+        return "out_of_range", OUT_OF_RANGE, wider_than(int(bits[1]))
+    return "unstorable", UNSTORABLE, has_nul
+
+
+async def sent_values(request: Request) -> list[tuple[list[str | int], object]]:
+    """Every value of the request's path, query and JSON or form body, with its loc.
+
+    Read only when the database refused one: the normal path pays nothing for it.
+    """
+    sent: list[tuple[list[str | int], object]] = []
+    sent += [(["path", name], value) for name, value in request.path_params.items()]
+    sent += [
+        (["query", name], value) for name, value in request.query_params.multi_items()
+    ]
+
+    def add(loc: list[str | int], value: object) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                add([*loc, key], item)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                add([*loc, index], item)
+        else:
+            sent.append((loc, value))
+
+    content_type = request.headers.get("content-type", "")
+    try:  # read by the route already (the request keeps it), or read now
+        if "json" in content_type:
+            add(["body"], await request.json())
+        elif "form" in content_type:
+            for name, value in (await request.form()).multi_items():
+                add(["body", name], value)
+    except (ValueError, RuntimeError, ClientDisconnect, StarletteHTTPException):
+        pass  # no JSON, or no longer readable: nothing more to point at
+    return sent
+
+
+@app.exception_handler(OverflowError)  # sqlite3: an int past 64 bits
 @app.exception_handler(sqlalchemy.exc.DBAPIError)
 @app.exception_handler(sqlalchemy.exc.TimeoutError)  # every pooled connection busy
 @app.exception_handler(OSError)  # the server cannot be reached
 async def database_error(request: Request, error: Exception) -> Response:
     """503 while the database cannot serve: the client may retry, nothing is lost.
 
-    422 for a value sent that the database cannot store; other errors are bugs (500).
+    422 for a value sent that the database cannot store (a number out of range, a NUL
+    character), with the `loc` of each such value sent; other errors are bugs (500).
     """
-    if str(getattr(getattr(error, "orig", None), "sqlstate", "")).startswith("22"):
-        # PostgreSQL's data exceptions: a NUL character in text, a number out of range
-        # (SQLite stores either). The statement failed, so nothing was written.
-        unstorable = {"type": "unstorable", "loc": ["body"], "msg": UNSTORABLE}
-        return JSONResponse({"detail": [unstorable]}, 422)
+    if refused := refusal(error):
+        kind, message, looks_refused = refused
+        detail = [
+            {"type": kind, "loc": loc, "msg": message}
+            for loc, value in await sent_values(request)
+            if looks_refused(value)
+        ]
+        # Not found among the values sent (a number computed from them, say).
+        detail = detail or [{"type": kind, "loc": [], "msg": message}]
+        return JSONResponse({"detail": detail}, 422)
+    if isinstance(error, OverflowError):
+        raise error  # not the database's: a bug, a 500
     # A killed connection (a restart, a failover) comes as any DBAPIError that
     # SQLAlchemy marks invalidated; a locked or missing SQLite file as OperationalError.
     outage = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)

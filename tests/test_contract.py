@@ -1,26 +1,30 @@
 """The OpenAPI document is the contract: every answer is declared, with its shape, and
 nothing a client sends gets a 5xx or has its values echoed back."""
 
+import math
 import os
 import subprocess
 import sys
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import httpx
 import pytest
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Form
 from fastapi.routing import iter_route_contexts
+from pydantic import BaseModel
 from sqlalchemy import make_url
 
 import accounts.routes as account_routes
 import main
 from accounts import CurrentUser, passwords, throttle
+from accounts.models import LogInAttempts
 from db import DATABASE_URL, Users, database
 from support import PASSWORD, PROJECT_DIR, LoggedIn, Server, SignUp
 
@@ -379,8 +383,118 @@ async def test_a_value_the_database_cannot_store_gets_422_not_500(
     else:
         assert response.status_code == 422
         assert response.json() == {
-            "detail": [{"type": "unstorable", "loc": ["body"], "msg": main.UNSTORABLE}]
+            "detail": [
+                {"type": "unstorable", "loc": ["body", "text"], "msg": main.UNSTORABLE}
+            ]
         }
+
+
+# A path no user's resource will have.
+PROBE_PATH = "/tutorial-test-probe"
+
+
+class ProbeCount(BaseModel):
+    attempts: int
+
+
+def probe_router() -> APIRouter:
+    """Routes as a user may write them: plain `int`s, no bounds of their own."""
+    router = APIRouter(prefix=PROBE_PATH)
+
+    @router.post("/counts", status_code=201)
+    async def create_probe_count(body: ProbeCount) -> None:
+        # LogInAttempts.attempts: an INTEGER column, 32 bits on PostgreSQL.
+        await LogInAttempts.objects.create(
+            digest=PROBE_PATH, attempts=body.attempts, last_attempt_at=datetime.now(UTC)
+        )
+
+    @router.post("/form-counts", status_code=201)
+    async def create_probe_form_count(attempts: Annotated[int, Form()]) -> None:
+        await create_probe_count(ProbeCount(attempts=attempts))
+
+    @router.get("/users")
+    async def list_probe_users(offset: int = 0) -> int:
+        return len(await Users.objects.offset(offset).all())
+
+    @router.get("/users/{user_id}")
+    async def read_probe_user(user_id: int) -> bool:
+        return await Users.objects.filter(id=user_id).exists()
+
+    @router.post("/users/count")
+    async def count_probe_users(ids: Annotated[list[int], Body(embed=True)]) -> int:
+        return await Users.objects.filter(id__in=ids).count()
+
+    @router.get("/pages/{page}")
+    async def read_probe_page(page: int) -> int:
+        # A number computed from the one sent: the 422 cannot point at it.
+        return len(await Users.objects.offset(page * 2**16).all())
+
+    @router.get("/exp/{power}")
+    async def probe_overflow(power: int) -> float:
+        return math.exp(power)  # OverflowError, but not the database's
+
+    return router
+
+
+@pytest.fixture
+def probe_routes() -> Iterator[None]:
+    before = len(main.app.router.routes)
+    main.app.include_router(probe_router())
+    try:
+        yield
+    finally:
+        del main.app.router.routes[before:]
+
+
+HUGE = 2**70  # past 64 bits: no column of either database holds it
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "options", "loc"),
+    [
+        ("POST", "/counts", {"json": {"attempts": HUGE}}, ["body", "attempts"]),
+        ("POST", "/counts", {"json": {"attempts": -HUGE}}, ["body", "attempts"]),
+        ("POST", "/counts", {"json": {"attempts": str(HUGE)}}, ["body", "attempts"]),
+        ("POST", "/form-counts", {"data": {"attempts": HUGE}}, ["body", "attempts"]),
+        ("GET", "/users", {"params": {"offset": HUGE}}, ["query", "offset"]),
+        ("GET", f"/users/{HUGE}", {}, ["path", "user_id"]),
+        ("POST", "/users/count", {"json": {"ids": [1, HUGE]}}, ["body", "ids", 1]),
+        ("GET", f"/pages/{2**48}", {}, []),
+    ],
+)
+async def test_a_number_the_database_cannot_store_gets_422_naming_it(
+    client: httpx.AsyncClient,
+    probe_routes: None,
+    method: str,
+    path: str,
+    options: dict[str, Any],
+    loc: list[str | int],
+) -> None:
+    response = await client.request(method, PROBE_PATH + path, **options)
+    assert response.status_code == 422, response.text
+    assert response.json() == {
+        "detail": [{"type": "out_of_range", "loc": loc, "msg": main.OUT_OF_RANGE}]
+    }
+    validate(response)
+
+
+async def test_a_number_past_32_bits_fits_sqlite_but_not_a_postgresql_integer(
+    client: httpx.AsyncClient, probe_routes: None
+) -> None:
+    body = {"attempts": 2**40}
+    response = await client.post(f"{PROBE_PATH}/counts", json=body)
+    if make_url(DATABASE_URL).get_backend_name() == "sqlite":
+        assert response.status_code == 201
+    else:
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == ["body", "attempts"]
+
+
+async def test_an_overflow_that_is_not_the_databases_stays_a_500(
+    client: httpx.AsyncClient, probe_routes: None
+) -> None:
+    with pytest.raises(OverflowError):  # the test client raises what the app does
+        await client.get(f"{PROBE_PATH}/exp/1000")
 
 
 async def test_a_declared_length_over_the_limit_gets_413_unread(
