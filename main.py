@@ -12,7 +12,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import sqlalchemy
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
+from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from fastapi import FastAPI, HTTPException, Request, Response, status
 from fastapi.exception_handlers import http_exception_handler
@@ -26,7 +28,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import accounts
-from db import database
+from db import database, metadata
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,74 @@ MIGRATIONS_HEAD = ScriptDirectory.from_config(
     Config(Path(__file__).with_name("alembic.ini"))
 ).get_current_head()
 
+# The models and the database: do they agree? ----------------------------------------
+
+MAKEMIGRATIONS = (
+    "A model changed without a revision? Run `pipenv run makemigrations`, read the"
+    " revision it writes, then `pipenv run migrate`."
+)
+
+
+def described(difference: Any) -> str | None:
+    """One of alembic's compare_metadata differences, in words; None for a table of
+    no model the app imports (migrations/env.py may import more), which it never uses."""
+    if isinstance(difference, list):  # a column's type, nullability or default
+        _, _, table, column = difference[0][:4]
+        changed = ", ".join(kind.removeprefix("modify_") for kind, *_ in difference)
+        return f"column {table}.{column}: its {changed} differs"
+    kind, *_, item = difference
+    noun = kind.partition("_")[2]  # table, column, index, constraint, fk
+    if noun == "table":
+        table = name = item.name
+    elif noun == "column":
+        table = difference[2]
+        name = f"{table}.{item.name}"
+    else:
+        table, name = item.table.name, item.name
+    if kind.startswith("add_"):
+        return f"{noun} {name}: in the models, not in the database"
+    return (
+        f"{noun} {name}: in the database, in no model"
+        if table in metadata.tables
+        else None
+    )
+
+
+def differences(connection: sqlalchemy.Connection) -> list[str]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    found = (described(d) for d in compare_metadata(context, metadata))
+    return [difference for difference in found if difference]
+
+
+# What differs between the models and the database at the head revision: compared
+# once per process, at start-up or by /health (20-50 ms of CPU, tests/benchmark.md).
+differences_at_head: list[str] | None = None
+
+
+async def database_revision() -> str | None:
+    async with database.connection() as connection:
+        revision: str | None = await connection.scalar(
+            sqlalchemy.text("SELECT version_num FROM alembic_version")
+        )
+    return revision
+
+
+async def models_differ() -> list[str]:
+    """How the models differ from the database, which is at the head revision; the
+    first time, a warning in the log that names each difference."""
+    global differences_at_head
+    if differences_at_head is None:
+        async with database.connection() as connection:
+            differences_at_head = await connection.run_sync(differences)
+        if differences_at_head:
+            logger.warning(
+                "The models and the database differ: %s. %s",
+                "; ".join(differences_at_head),
+                MAKEMIGRATIONS,
+            )
+    return differences_at_head
+
+
 # The app and its middleware ---------------------------------------------------------
 
 
@@ -71,6 +141,20 @@ MIGRATIONS_HEAD = ScriptDirectory.from_config(
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not database.is_connected:
         await database.connect()
+    try:
+        revision = await database_revision()
+        if revision == MIGRATIONS_HEAD:
+            await models_differ()
+        else:
+            logger.warning(
+                "The database is at revision %s, the migrations' head is %s:"
+                " run `pipenv run migrate`.",
+                revision,
+                MIGRATIONS_HEAD,
+            )
+    except (sqlalchemy.exc.SQLAlchemyError, OSError) as error:
+        # The app starts all the same; /health compares once the database answers.
+        logger.warning("Models not compared with the database: %s", error)
     yield
     if database.is_connected:
         await database.disconnect()
@@ -213,6 +297,17 @@ def refusal(error: Exception) -> Refusal | None:
     return "unstorable", UNSTORABLE, has_nul
 
 
+def lacks_what_models_have(error: Exception) -> bool:
+    """Whether a query failed on a table or column that the database does not have."""
+    orig = getattr(error, "orig", None)
+    if getattr(orig, "sqlstate", None) in ("42P01", "42703"):  # PostgreSQL
+        return True
+    missing = ("no such table", "no such column", "has no column named")  # SQLite
+    return isinstance(error, sqlalchemy.exc.OperationalError) and any(
+        words in str(orig) for words in missing
+    )
+
+
 async def sent_values(request: Request) -> list[tuple[list[str | int], object]]:
     """Every value of the request's path, query and JSON or form body, with its loc.
 
@@ -268,6 +363,14 @@ async def database_error(request: Request, error: Exception) -> Response:
         return JSONResponse({"detail": detail}, 422)
     if isinstance(error, OverflowError):
         raise error  # not the database's: a bug, a 500
+    if lacks_what_models_have(error):
+        # Not an outage: the code and the database disagree until a migration.
+        if not getattr(error, "__notes__", None):  # the app's handler sees it again
+            cause = getattr(error, "orig", error)
+            note = f"The database lacks a table or column of the models ({cause})."
+            error.add_note(f"{note} {MAKEMIGRATIONS}")
+            logger.error("%s %s", note, MAKEMIGRATIONS)
+        raise error  # a 500, its traceback (ending with the note) in the log
     # A killed connection (a restart, a failover) comes as any DBAPIError that
     # SQLAlchemy marks invalidated; a locked or missing SQLite file as OperationalError.
     outage = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
@@ -314,15 +417,15 @@ app.include_router(accounts.router)
 
 @app.get("/health")
 async def health() -> dict[str, str]:
-    """Check that the database answers and is migrated to the newest revision."""
+    """Check that the database answers, is migrated to the newest revision, and has
+    the tables and columns that the models have."""
     try:
-        async with database.connection() as connection:
-            revision = await connection.scalar(
-                sqlalchemy.text("SELECT version_num FROM alembic_version")
-            )
+        revision = await database_revision()
+        if revision != MIGRATIONS_HEAD:
+            raise unavailable("Database migrations are behind")
+        if await models_differ():
+            raise unavailable("The models and the database differ; see the log")
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as error:
         logger.error("health check failed: %s", error)
         raise unavailable() from None
-    if revision != MIGRATIONS_HEAD:
-        raise unavailable("Database migrations are behind")
-    return {"status": "ok", "revision": revision}
+    return {"status": "ok", "revision": str(revision)}

@@ -302,7 +302,8 @@ async def test_unopenable_sqlite_file_answers_503_then_recovers_by_itself(
     # Running as root, chmod would not deny access; a missing directory does.
     data.rename(tmp_path / "moved")
     with start_server(url, ready_path="/openapi.json") as server:
-        # The lifespan does not open the database: the app starts without it.
+        # The app starts without its database (the lifespan logs that it could not
+        # compare the models with it).
         async with httpx.AsyncClient(
             base_url=server.url, headers=client.headers, timeout=10
         ) as client:
