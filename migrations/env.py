@@ -10,12 +10,13 @@ from alembic import context
 from alembic.autogenerate import rewriter
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import ops
+from alembic.util import CommandError
 from sqlalchemy import Table, event, pool
 from sqlalchemy.engine import Connection, Inspector
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 # Models kept in other modules must be imported here, so that autogenerate sees
-# their tables in the metadata (see tests/tutorial.md, step 6).
+# their tables in the metadata (see tests/tutorial.md, step 7).
 import accounts.models  # noqa: F401  (the accounts' tables)
 from db import DATABASE_URL, BaseMeta
 
@@ -52,13 +53,92 @@ def leave_out_autoincrement(
     return op
 
 
+def autogenerating() -> bool:
+    # `alembic revision --autogenerate`, not `alembic check` (which reads the
+    # directives as they are) nor pytest-alembic's checks.
+    return bool(getattr(config.cmd_opts, "autogenerate", False))
+
+
 def no_empty_revision(context: Any, revision: Any, directives: list[Any]) -> None:
     """Write no revision when autogenerate finds nothing to change."""
-    # Only for `alembic revision --autogenerate`: `alembic check` reads the directives.
-    autogenerating = getattr(config.cmd_opts, "autogenerate", False)
-    if autogenerating and directives[0].upgrade_ops.is_empty():
+    if autogenerating() and directives[0].upgrade_ops.is_empty():
         directives[:] = []
         print("No changes in the models: no revision written.")
+
+
+def columns_changed(table: ops.ModifyTableOps) -> tuple[list[Any], list[Any]]:
+    """The table's columns that the revision drops, and those it adds."""
+    dropped = [op for op in table.ops if isinstance(op, ops.DropColumnOp)]
+    added = [op for op in table.ops if isinstance(op, ops.AddColumnOp)]
+    return dropped, added
+
+
+def rename(table: ops.ModifyTableOps, dropped: Any, added: Any) -> None:
+    """Put a rename of the dropped column to the added one in place of the two."""
+    old, new = dropped.to_column(), added.column
+    renamed = ops.AlterColumnOp(
+        table.table_name,
+        old.name,
+        schema=table.schema,
+        modify_name=new.name,
+        existing_type=old.type,
+        existing_nullable=old.nullable,
+    )
+    table.ops[table.ops.index(dropped)] = renamed
+    table.ops.remove(added)
+
+
+def renamed_columns(context: Any, revision: Any, directives: list[Any]) -> None:
+    """Write a column dropped and one added in the same table as a rename, which keeps
+    the data, when the two are alike (type and nullability); stop when they are not.
+
+    Autogenerate cannot tell a rename from a new column: it drops the old one and its
+    data (a NOT NULL column added over rows then fails, or takes a default).
+    """
+    if not autogenerating():
+        return
+    script = directives[0]
+    renamed = set()
+    for table in script.upgrade_ops.ops:
+        if not isinstance(table, ops.ModifyTableOps):
+            continue
+        dropped, added = columns_changed(table)
+        if not (dropped and added):
+            continue
+        name = table.table_name
+        old, new = dropped[0].to_column(), added[0].column
+        alike = not context.impl.compare_type(old, new) and old.nullable == new.nullable
+        if len(dropped) == len(added) == 1 and alike:
+            rename(table, dropped[0], added[0])
+            renamed.add(name)
+            print(
+                f"Column '{name}.{old.name}' renamed to '{new.name}': a column dropped"
+                " and one alike added are written as a rename (alter_column with"
+                " new_column_name), which keeps the data. If it is a new column,"
+                f" delete this revision, then remove '{old.name}' and makemigrations,"
+                f" add '{new.name}' and makemigrations."
+            )
+            continue
+        gone = ", ".join(f"'{op.column_name}'" for op in dropped)
+        came = ", ".join(f"'{op.column.name}'" for op in added)
+        raise CommandError(
+            f"In table '{name}', {gone} dropped and {came} added, not alike (type or"
+            " nullability): a rename? Dropping loses the data: no revision written."
+            " To rename, first change the name only: makemigrations then writes"
+            f' op.alter_column("{name}", "{old.name}", new_column_name="{new.name}");'
+            " change the rest in a revision after. For columns that are really new:"
+            " remove the old fields, makemigrations, then add the new ones,"
+            " makemigrations."
+        )
+    for table in script.downgrade_ops.ops:  # the same renames, back
+        if isinstance(table, ops.ModifyTableOps) and table.table_name in renamed:
+            [back], [there] = columns_changed(table)
+            rename(table, back, there)
+
+
+def revision_written(context: Any, revision: Any, directives: list[Any]) -> None:
+    renamed_columns(context, revision, directives)
+    no_empty_revision(context, revision, directives)
 
 
 def server_default_changed(
@@ -82,7 +162,7 @@ def configure(**options: Any) -> None:
         compare_type=True,
         compare_server_default=server_default_changed,
         render_item=render_item,
-        process_revision_directives=writer.chain(no_empty_revision),
+        process_revision_directives=writer.chain(revision_written),
         **options,
     )
 

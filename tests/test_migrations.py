@@ -150,7 +150,7 @@ class Probes(ormar.Model):
 
 def write_probe_model(project: Path, fields: str) -> None:
     """Write `probe_models.py` with `fields` besides the id and the foreign key, and
-    import it in migrations/env.py, as tutorial step 5 does for posts/models.py."""
+    import it in migrations/env.py, as tutorial step 7 does for posts/models.py."""
     (project / "probe_models.py").write_text(PROBE_MODEL + fields)
     env = project / "migrations" / "env.py"
     if "import probe_models" not in env.read_text():
@@ -449,3 +449,51 @@ def test_the_migration_tests_pass_after_a_change_a_user_makes(
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow  # alembic processes on a copy of the project
+def test_a_renamed_field_is_written_as_a_rename_that_keeps_the_data(
+    tmp_path: Path, migrated_url: str
+) -> None:
+    project = copy_project(tmp_path)
+    write_probe_model(project, "    name: str = ormar.String(max_length=32)\n")
+    autogenerate(project, migrated_url, "add probes")
+    alembic(project, migrated_url, "upgrade", "head")
+    run_sql(
+        migrated_url,
+        ADD_USER_WITH_TOKEN[0],
+        "INSERT INTO probes (user_id, name) VALUES (7, 'kept')",
+    )
+
+    write_probe_model(project, "    label: str = ormar.String(max_length=32)\n")
+    output = autogenerate(project, migrated_url, "rename name to label")
+    assert "Column 'probes.name' renamed to 'label'" in output
+    [revision] = (project / "migrations" / "versions").glob("*_rename_name_to_label.py")
+    assert 'new_column_name="label"' in revision.read_text()
+
+    alembic(project, migrated_url, "upgrade", "head")
+    assert database_state(migrated_url)["probes"]["rows"] == [(1, 7, "kept")]
+    assert "No new upgrade operations detected" in alembic(
+        project, migrated_url, "check"
+    )
+    alembic(project, migrated_url, "downgrade", "-1")
+    assert run_sql(migrated_url, "SELECT name FROM probes") == [[("kept",)]]
+
+
+@pytest.mark.slow  # alembic processes on a copy of the project
+def test_a_column_dropped_and_another_unlike_added_stops_makemigrations(
+    tmp_path: Path, migrated_url: str
+) -> None:
+    project = copy_project(tmp_path)
+    write_probe_model(project, "    name: str = ormar.String(max_length=32)\n")
+    autogenerate(project, migrated_url, "add probes")
+    alembic(project, migrated_url, "upgrade", "head")
+    versions = set((project / "migrations" / "versions").glob("*.py"))
+
+    write_probe_model(project, "    label: int = ormar.Integer()\n")
+    output = alembic(
+        project, migrated_url, "revision", "--autogenerate", "-m", "x", succeeds=False
+    )
+    assert "In table 'probes', 'name' dropped and 'label' added" in output
+    assert 'op.alter_column("probes", "name", new_column_name="label")' in output
+    assert set((project / "migrations" / "versions").glob("*.py")) == versions
