@@ -83,13 +83,15 @@ def described(difference: Any) -> str | None:
         return f"column {table}.{column}: its {changed} differs"
     kind, *_, item = difference
     noun = kind.partition("_")[2]  # table, column, index, constraint, fk
-    if noun == "table":
-        table = name = item.name
-    elif noun == "column":
+    if noun == "column":
         table = difference[2]
         name = f"{table}.{item.name}"
-    else:
+    elif isinstance(item, sqlalchemy.Table):
+        table = name = item.name
+    elif isinstance(getattr(item, "table", None), sqlalchemy.Table):
         table, name = item.table.name, item.name
+    else:  # a table's comment, say
+        return f"{kind} on {difference[1]}"
     if kind.startswith("add_"):
         return f"{noun} {name}: in the models, not in the database"
     return (
@@ -313,32 +315,30 @@ async def sent_values(request: Request) -> list[tuple[list[str | int], object]]:
 
     Read only when the database refused one: the normal path pays nothing for it.
     """
-    sent: list[tuple[list[str | int], object]] = []
-    sent += [(["path", name], value) for name, value in request.path_params.items()]
-    sent += [
+    found: list[tuple[list[str | int], object]] = []
+    found += [(["path", name], value) for name, value in request.path_params.items()]
+    found += [
         (["query", name], value) for name, value in request.query_params.multi_items()
     ]
-
-    def add(loc: list[str | int], value: object) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                add([*loc, key], item)
-        elif isinstance(value, list):
-            for index, item in enumerate(value):
-                add([*loc, index], item)
-        else:
-            sent.append((loc, value))
-
     content_type = request.headers.get("content-type", "")
     try:  # read by the route already (the request keeps it), or read now
         if "json" in content_type:
-            add(["body"], await request.json())
+            found.append((["body"], await request.json()))
         elif "form" in content_type:
-            for name, value in (await request.form()).multi_items():
-                add(["body", name], value)
+            form = (await request.form()).multi_items()
+            found += [(["body", name], value) for name, value in form]
     except (ValueError, RuntimeError, ClientDisconnect, StarletteHTTPException):
         pass  # no JSON, or no longer readable: nothing more to point at
-    return sent
+    sent = []
+    while found:  # JSON's objects and arrays opened, without recursion: any depth
+        loc, value = found.pop()
+        if isinstance(value, dict):
+            found += [([*loc, key], item) for key, item in value.items()]
+        elif isinstance(value, list):
+            found += [([*loc, index], item) for index, item in enumerate(value)]
+        else:
+            sent.append((loc, value))
+    return sent[::-1]
 
 
 @app.exception_handler(OverflowError)  # sqlite3: an int past 64 bits
