@@ -17,6 +17,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -108,7 +109,8 @@ class BodySizeLimit:
         await self.app(scope, receive_within_limit, send_unless_answered)
 
 
-app = FastAPI(
+# /docs and /redoc with Swagger UI and ReDoc served from the package, not from a CDN.
+app = FastAPIOffline(
     title="FastAPI + ormar + alembic",
     lifespan=lifespan,
     generate_unique_id_function=lambda route: route.name,  # operationId: create_user
