@@ -109,11 +109,13 @@ class BodySizeLimit:
         await self.app(scope, receive_within_limit, send_unless_answered)
 
 
-# /docs and /redoc with Swagger UI and ReDoc served from the package, not from a CDN.
+# /docs serves Swagger UI from the package, not from a CDN. No /redoc: ReDoc would
+# still load its logo from Redocly's.
 app = FastAPIOffline(
     title="FastAPI + ormar + alembic",
     lifespan=lifespan,
     generate_unique_id_function=lambda route: route.name,  # operationId: create_user
+    redoc_url=None,
 )
 app.add_middleware(BodySizeLimit, max_size=MAX_BODY_SIZE)
 if CORS_ORIGINS:
