@@ -74,7 +74,9 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def server(migrated_url: str, start_server: StartServer) -> Iterator[Server]:
-    with start_server(migrated_url) as server:
+    """The app as the README's quickstart serves it: no SMTP_URL (mail goes to the
+    output)."""
+    with start_server(migrated_url, env={"SMTP_URL": ""}) as server:
         yield server
 
 
