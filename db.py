@@ -101,6 +101,8 @@ class Users(ormar.Model):
     # Holds the argon2 hash of the password, never the password itself.
     password: str = ormar.String(max_length=128)
     is_active: bool = ormar.Boolean(default=True)
+    # Whether the owner proved the address (a link mailed at sign-up, or a reset).
+    is_verified: bool = ormar.Boolean(default=False)
 
 
 # SQLite hands a new row the highest id + 1, so without AUTOINCREMENT a new account

@@ -1,4 +1,5 @@
-"""The accounts' own tables, beside `Users` in db.py: sessions, log-in counts, devices."""
+"""The accounts' own tables, beside `Users` in db.py: sessions, log-in counts, devices,
+mailed links."""
 
 from datetime import datetime
 
@@ -28,7 +29,8 @@ class Tokens(ormar.Model):
 
 class LogInAttempts(ormar.Model):
     """Password checks counted for the throttle: per account and client (an address,
-    or a device), and per account for all clients without a device.
+    or a device), and per account for all clients without a device; and mails per
+    kind and address, for the mail cap.
 
     Keyed by a SHA-256 digest of the client and the email as typed (normalized), so
     that an unknown email is counted like a real one and no typed email is stored.
@@ -44,8 +46,9 @@ class LogInAttempts(ormar.Model):
 
 
 class Devices(ormar.Model):
-    """A client that has logged in to an account before: the SHA-256 digest of the
-    random value in its `device` cookie. The log-in throttle counts it on its own."""
+    """A client that has logged in to an account: the SHA-256 digest of the random
+    value in its `device` cookie and the account's id. The log-in throttle counts it
+    on its own."""
 
     ormar_config = BaseMeta.copy(tablename="devices")
 
@@ -58,4 +61,30 @@ class Devices(ormar.Model):
         related_name="devices",
         index=True,
     )
-    created_at: datetime = ormar.DateTime(timezone=True)
+    # Its last log-in: past SESSIONS_PER_USER, the device used longest ago goes.
+    last_used_at: datetime = ormar.DateTime(timezone=True)
+
+
+class Links(ormar.Model):
+    """A link mailed to an address (to verify it, or to reset the password): the
+    SHA-256 digest of its token, never the token itself. Deleted when it is used."""
+
+    ormar_config = BaseMeta.copy(tablename="links")
+
+    digest: str = ormar.String(primary_key=True, max_length=64)
+    user: Users = ormar.ForeignKey(
+        Users,
+        name="user_id",
+        nullable=False,
+        ondelete=ormar.ReferentialAction.CASCADE,
+        related_name="links",
+        index=True,
+    )
+    purpose: str = ormar.String(max_length=16)  # "verify", "email" (a change), "reset"
+    # The address it was sent to (for an email change, the new one), as long as
+    # Users.email is, however long a user makes that.
+    email: str = ormar.String(
+        max_length=Users.ormar_config.table.c.email.type.length  # type: ignore[attr-defined]
+    )
+    # Indexed: each new link deletes the expired ones, everyone's.
+    expires_at: datetime = ormar.DateTime(timezone=True, index=True)

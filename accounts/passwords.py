@@ -36,13 +36,23 @@ password_hash = PasswordHash.recommended()  # argon2id
 DUMMY_HASH = password_hash.hash(secrets.token_urlsafe())
 
 
+def encoded(password: str) -> bytes:
+    """The password as argon2 takes it: UTF-8, and any text at all.
+
+    A form whose charset is utf-7 or unicode_escape can carry lone surrogates, which
+    plain UTF-8 cannot encode; "surrogatepass" gives them bytes no other text has, and
+    is plain UTF-8 for all other text, so hashes made from `str` still verify.
+    """
+    return password.encode("utf-8", "surrogatepass")
+
+
 def hash_password(password: str) -> str:
-    return password_hash.hash(password)
+    return password_hash.hash(encoded(password))
 
 
 def verify_password(password: str, stored_hash: str) -> tuple[bool, str | None]:
     """Whether the password matches, and a new hash if the stored one is outdated."""
     try:
-        return password_hash.verify_and_update(password, stored_hash)
+        return password_hash.verify_and_update(encoded(password), stored_hash)
     except UnknownHashError:  # not a hash this app wrote: nothing matches it
         return False, None

@@ -1,19 +1,31 @@
-"""The account routes: sign up, log in and out, and each user's own account."""
+"""The account routes: sign up and prove the address, log in and out, reset the
+password, and each user's own account."""
 
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import (
+    APIRouter,
+    BackgroundTasks,
+    Depends,
+    HTTPException,
+    Request,
+    Response,
+    status,
+)
+from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordRequestForm
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from accounts import passwords, sessions, throttle
-from accounts.models import Devices, Tokens
+from accounts import links, passwords, sessions, throttle
+from accounts.models import Devices, Links, Tokens
 from accounts.schemas import (
     CREDENTIALS,
+    EmailVerification,
+    Message,
+    PasswordReset,
+    PasswordResetRequest,
     Token,
     UserCreate,
     UserDelete,
@@ -33,27 +45,15 @@ TOO_MANY: Answers = {
     429: {"description": "Too many tries; retry after `Retry-After` seconds"}
 }
 WRONG_PASSWORD: Answers = {403: {"description": "Wrong current password"}}
-CONFLICT: Answers = {
-    409: {"description": "Email taken, or the account changed meanwhile"}
-}
-
-
-@contextmanager
-def email_must_be_free() -> Iterator[None]:
-    """Answer 409 when a write breaks the unique email constraint.
-
-    The database decides, so two requests racing for one address cannot both succeed.
-    """
-    try:
-        yield
-    except IntegrityError as error:
-        postgresql_code = getattr(error.orig, "sqlstate", None)
-        sqlite_code = getattr(error.orig, "sqlite_errorname", None)
-        if postgresql_code == "23505" or sqlite_code == "SQLITE_CONSTRAINT_UNIQUE":
-            raise HTTPException(
-                status.HTTP_409_CONFLICT, "Email already registered"
-            ) from None
-        raise
+CONFLICT: Answers = {409: {"description": "The account changed meanwhile"}}
+BAD_LINK = HTTPException(status.HTTP_400_BAD_REQUEST, "Invalid or expired link")
+LINK_ANSWERS: Answers = {400: {"description": "Invalid, used or expired link"}}
+# The answers that say nothing of any account: the same for every address.
+SIGNED_UP = Message(message="Check your inbox to finish signing up")
+RESET_REQUESTED = Message(
+    message="If an account has that address, a link to reset its password is on its way"
+)
+EMAIL_CHANGE_REQUESTED = Message(message="Check the new address's inbox to confirm it")
 
 
 async def check_current_password(
@@ -74,19 +74,82 @@ async def changed_meanwhile(user: Users) -> HTTPException:
     return NOT_AUTHENTICATED  # deleted meanwhile
 
 
-@router.post(
-    "/users",
-    response_model=UserRead,
-    status_code=status.HTTP_201_CREATED,
-    responses={409: {"description": "Email already registered"}, **TOO_MANY},
-)
-async def create_user(body: UserCreate, client: ClientAddress) -> Users:
-    """Sign up."""
+@router.post("/users", status_code=status.HTTP_202_ACCEPTED, responses=TOO_MANY)
+async def create_user(
+    body: UserCreate, client: ClientAddress, background: BackgroundTasks
+) -> Message:
+    """Sign up: the address is mailed a link that proves it (for
+    `POST /auth/verify-email`), or, if it has an account, a notice."""
+    # One hash for every address: the hashing queue's 429 and 503 apply alike.
     password = await throttle.in_hashing_thread(
         client, passwords.hash_password, body.password
     )
-    with email_must_be_free():
-        return await Users.objects.create(email=body.email, password=password)
+    allowed = await links.within_cap("sign-up", body.email)
+    background.add_task(links.sign_up, body.email, password, allowed)
+    return SIGNED_UP
+
+
+@router.post(
+    "/auth/verify-email",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=LINK_ANSWERS,
+)
+async def verify_email(body: EmailVerification) -> None:
+    """Prove an address with the token of a link mailed to it: a sign-up's, or an
+    email change's, which then takes effect."""
+    link = await links.use_link(body.token, "verify", "email")
+    user = await Users.objects.get_or_none(id=link["user_id"]) if link else None
+    if link is None or user is None:
+        raise BAD_LINK
+    # A sign-up's link proves the address the account has; a change's, the new one.
+    current = link["email"] if link["purpose"] == "verify" else user.email
+    try:
+        proven = await Users.objects.filter(id=user.id, email=current).update(
+            email=link["email"], is_verified=True
+        )
+    except IntegrityError as error:  # the new address has an account by now
+        if not links.is_unique_violation(error):
+            raise
+        proven = 0
+    if not proven:
+        raise BAD_LINK
+    if link["email"] != user.email:  # the old address's links go with it
+        await Links.objects.filter(user=user.id).delete()
+        links.notify(user.email, "email")
+
+
+@router.post("/auth/password-reset", status_code=status.HTTP_202_ACCEPTED)
+async def request_password_reset(
+    body: PasswordResetRequest, background: BackgroundTasks
+) -> Message:
+    """Mail a link to choose a new password (for `POST /auth/password-reset/confirm`)
+    if the address has an account."""
+    allowed = await links.within_cap("reset", body.email)
+    background.add_task(links.reset_requested, body.email, allowed)
+    return RESET_REQUESTED
+
+
+@router.post(
+    "/auth/password-reset/confirm",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={**LINK_ANSWERS, **TOO_MANY},
+)
+async def reset_password(body: PasswordReset, client: ClientAddress) -> None:
+    """Set a new password with a reset link's token. Every session and device ends,
+    and the address is proven; log in afterwards."""
+    password = await throttle.in_hashing_thread(
+        client, passwords.hash_password, body.password
+    )
+    async with database.transaction():
+        link = await links.use_link(body.token, "reset")
+        if link is None:
+            raise BAD_LINK
+        user = link["user_id"]
+        await Users.objects.filter(id=user).update(password=password, is_verified=True)
+        # A stranger's password, sessions and links from before do not survive it.
+        for table in (Tokens, Devices, Links):
+            await table.objects.filter(user=user).delete()
+    links.notify(link["email"], "password")
 
 
 @router.post(
@@ -100,8 +163,9 @@ async def log_in(
     client: ClientAddress,
     device: DeviceCookie,
 ) -> Token:
-    """Log in with the email as `username`; answers a bearer token, and a `device`
-    cookie that lets this client log in to the account while others are refused."""
+    """Log in with the email as `username`; answers a bearer token, and to a client
+    without one a `device` cookie: with it, the client logs in to each account it
+    has logged in to while others are refused."""
     try:  # the same rules as at sign-up: what could not sign up is no account
         email = email_address.validate_python(form.username)
     except ValidationError:  # (and PostgreSQL refuses text with a NUL byte)
@@ -111,19 +175,21 @@ async def log_in(
     valid, new_hash = await throttle.check_password(
         form.password, user, account, client, device
     )
-    if user is None or not valid or not user.is_active:
+    if user is None or not valid or not user.is_active or not user.is_verified:
         raise NOT_AUTHENTICATED
     stored_hash = user.password
     rehashed = Users.objects.filter(id=user.id, password=stored_hash)
     if new_hash and await rehashed.update(password=new_hash):  # older parameters
         stored_hash = new_hash
     token = secrets.token_urlsafe(32)
-    if await throttle.is_device_of(device, user):
-        device = None  # it has one: no new one
-    else:
-        device = throttle.new_device_cookie(request, response)
+    # A cookie is never replaced: the client stays a device of each account it logs
+    # in to, so a log-in to another's account takes no device away from anyone.
+    cookie = device or throttle.new_device_cookie(request, response)
     if not await sessions.start_session(
-        user.id, stored_hash, sessions.token_digest(token), device
+        user.id,
+        stored_hash,
+        sessions.token_digest(token),
+        throttle.device_digest(cookie, user.id) if cookie else None,
     ):
         raise NOT_AUTHENTICATED  # deleted, deactivated or its password changed
     response.headers["Cache-Control"] = "no-store"
@@ -148,7 +214,12 @@ async def read_me(me: CurrentUser) -> Users:
 @router.patch(
     "/users/me",
     response_model=UserRead,
-    responses={**WRONG_PASSWORD, **CONFLICT, **TOO_MANY},
+    responses={
+        202: {"model": Message, "description": "A link was mailed to the new email"},
+        **WRONG_PASSWORD,
+        **CONFLICT,
+        **TOO_MANY,
+    },
 )
 async def update_me(
     body: UserUpdate,
@@ -156,13 +227,16 @@ async def update_me(
     digest: PresentedDigest,
     client: ClientAddress,
     device: DeviceCookie,
-) -> Users:
+    background: BackgroundTasks,
+) -> Users | JSONResponse:
     """Change the fields sent (null clears one); the email and the password need
-    `current_password`, other fields (see `UserUpdate`) do not."""
+    `current_password`, other fields (see `UserUpdate`) do not. A new email takes
+    effect once the link mailed to it is opened (202)."""
     changes: dict[str, Any] = body.model_dump(
         exclude_unset=True, exclude={"current_password"}
     )
-    if CREDENTIALS.isdisjoint(changes):
+    email = changes.pop("email", None)  # never null: the column is NOT NULL
+    if CREDENTIALS.isdisjoint(changes) and email is None:
         # The owner's own fields: the token is enough, and no password is guessed.
         if changes and not await Users.objects.filter(id=me.id).update(**changes):
             raise NOT_AUTHENTICATED  # deleted meanwhile
@@ -177,13 +251,24 @@ async def update_me(
         # Only if the password is still the one just verified: of two changes at
         # once, one wins and the other gets a 409.
         verified = Users.objects.filter(id=me.id, password=me.password)
-        with email_must_be_free():
-            if not await verified.update(**changes):
-                raise await changed_meanwhile(me)
-        if "password" in changes:  # every other session and device ends with it
+        held = await verified.update(**changes) if changes else await verified.exists()
+        if not held:
+            raise await changed_meanwhile(me)
+        if "password" in changes:
+            # Every other session and device ends with it, and every mailed link.
             await Tokens.objects.filter(user=me.id).exclude(digest=digest).delete()
-            await Devices.objects.filter(user=me.id).exclude(digest=device).delete()
+            mine = throttle.device_digest(device, me.id) if device else None
+            await Devices.objects.filter(user=me.id).exclude(digest=mine).delete()
+            await Links.objects.filter(user=me.id).delete()
+    if "password" in changes:
+        links.notify(me.email, "password")
     me.update_from_dict(changes)
+    if email is not None:  # looked up after the answer: taken or not, alike
+        allowed = await links.within_cap("email", email)
+        background.add_task(links.email_change_requested, me, email, allowed)
+        return JSONResponse(
+            EMAIL_CHANGE_REQUESTED.model_dump(), status.HTTP_202_ACCEPTED
+        )
     return me
 
 

@@ -90,6 +90,29 @@ class UserDelete(BaseModel):
     current_password: Password
 
 
+# A mailed link's token: 43 characters as issued; longer ones are no token.
+LinkToken = Annotated[str, Field(max_length=64)]
+
+
+class EmailVerification(BaseModel):
+    token: LinkToken
+
+
+class PasswordResetRequest(BaseModel):
+    email: Email
+
+
+class PasswordReset(BaseModel):
+    token: LinkToken
+    password: NewPassword
+
+
+class Message(BaseModel):
+    """An answer that says what happens next, and nothing of any account."""
+
+    message: str
+
+
 # Public fields are an allowlist: a new column stays private until it is added here.
 # Generated from the ormar model; the name keeps the OpenAPI document readable.
 UserRead = create_model(

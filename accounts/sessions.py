@@ -8,6 +8,7 @@ from typing import Annotated
 import sqlalchemy
 from fastapi import Depends, HTTPException, status
 from fastapi.security import OAuth2PasswordBearer
+from sqlalchemy.dialects import postgresql, sqlite
 
 from accounts.models import Devices, Tokens
 from db import Users, database
@@ -70,12 +71,13 @@ CurrentUser = Annotated[Users, Depends(current_user)]
 async def start_session(
     user_id: int, verified_hash: str, digest: str, device: str | None = None
 ) -> bool:
-    """Store a session for the user if it is still active with the password verified,
-    and the client's new device (the digest of its cookie) if given.
+    """Store a session for the user if it is still active and verified, with the
+    password verified, and note the log-in of the client's device (its digest) if given.
 
     The check is part of the INSERT, so an account deleted, deactivated or given a new
     password since the check gets no session. Also ends expired sessions (everyone's)
-    and, past SESSIONS_PER_USER, this user's oldest sessions and devices.
+    and, past SESSIONS_PER_USER, this user's oldest sessions and the devices used
+    longest ago.
     """
     users, tokens = Users.ormar_config.table, Tokens.ormar_config.table
     devices = Devices.ormar_config.table
@@ -85,7 +87,12 @@ async def start_session(
         sqlalchemy.literal(digest, tokens.c.digest.type),
         sqlalchemy.literal(now, tokens.c.created_at.type),
         sqlalchemy.literal(now + TOKEN_LIFETIME, tokens.c.expires_at.type),
-    ).where(users.c.id == user_id, users.c.password == verified_hash, users.c.is_active)
+    ).where(
+        users.c.id == user_id,
+        users.c.password == verified_hash,
+        users.c.is_active,
+        users.c.is_verified,
+    )
     # PostgreSQL: a password change in progress commits before this reads the row.
     account = account.with_for_update(read=True)
     columns = ["user_id", "digest", "created_at", "expires_at"]
@@ -108,19 +115,26 @@ async def start_session(
             )
         )
         if device is not None:
-            await connection.execute(
-                devices.insert().values(user_id=user_id, digest=device, created_at=now)
+            # New, or known: one statement, so that log-ins at once store it once.
+            dialect = postgresql if database.dialect.name == "postgresql" else sqlite
+            used = dialect.insert(devices).values(
+                digest=device, user_id=user_id, last_used_at=now
             )
-            newest_devices = (
+            await connection.execute(
+                used.on_conflict_do_update(
+                    index_elements=[devices.c.digest], set_={"last_used_at": now}
+                )
+            )
+            recently_used = (
                 sqlalchemy.select(devices.c.digest)
                 .where(devices.c.user_id == user_id)
-                .order_by(devices.c.created_at.desc())
+                .order_by(devices.c.last_used_at.desc())
                 .limit(SESSIONS_PER_USER)
             )
             await connection.execute(
                 devices.delete().where(
                     devices.c.user_id == user_id,
-                    devices.c.digest.not_in(newest_devices),
+                    devices.c.digest.not_in(recently_used),
                 )
             )
     return True

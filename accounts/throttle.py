@@ -138,12 +138,13 @@ def log_in_key(*parts: str) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-async def count_log_in(key: str, limit: int) -> None:
-    """Count a password check on `key` before it is made; 429 past `limit`.
+async def count_attempt(key: str, limit: int) -> tuple[bool, datetime]:
+    """Count an attempt on `key`: whether it is within `limit`, and when the last one
+    let through was.
 
-    One statement counts and reads the count, so concurrent guesses cannot pass the
-    bound together. A refused log-in is not let through later than a period after
-    the last one that was: it does not move the time on.
+    One statement counts and reads the count, so concurrent attempts cannot pass the
+    bound together. A refused attempt does not move the time on: the count ends a
+    period after the last one let through.
     """
     table = LogInAttempts.ormar_config.table
     now = datetime.now(UTC)
@@ -164,9 +165,15 @@ async def count_log_in(key: str, limit: int) -> None:
     async with database.get_query_executor() as executor:
         row = await executor.fetch_one(upsert.returning(*table.c))
     assert row is not None
-    if row["attempts"] > limit:
-        last = row["last_attempt_at"]  # naive from SQLite, which stores UTC
-        wait = last.replace(tzinfo=last.tzinfo or UTC) + LOG_IN_PERIOD - now
+    last = row["last_attempt_at"]  # naive from SQLite, which stores UTC
+    return row["attempts"] <= limit, last.replace(tzinfo=last.tzinfo or UTC)
+
+
+async def count_log_in(key: str, limit: int) -> None:
+    """Count a password check on `key` before it is made; 429 past `limit`."""
+    allowed, last = await count_attempt(key, limit)
+    if not allowed:
+        wait = last + LOG_IN_PERIOD - datetime.now(UTC)
         detail = "Too many log-ins for this account; retry later"
         await anyio.sleep(REFUSAL_PAUSE)  # holding the address's place in the queue
         raise too_many_requests(detail, max(1, math.ceil(wait.total_seconds())))
@@ -183,23 +190,36 @@ async def end_log_in_counts(key: str | None = None) -> None:
 
 
 async def device_cookie(request: Request) -> str | None:
-    """The digest of the request's device cookie, if it sent one."""
-    value = request.cookies.get(DEVICE_COOKIE)
-    return hashlib.sha256(value.encode()).hexdigest() if value else None
+    """The request's device cookie, if it sent one."""
+    return request.cookies.get(DEVICE_COOKIE) or None
 
 
 DeviceCookie = Annotated[str | None, Depends(device_cookie)]
 
 
-async def is_device_of(device: str | None, user: Users | None) -> bool:
-    """Whether `device` (a cookie's digest) is one of the user's."""
-    # Looked up whenever a cookie is sent, so that it takes as long for any email.
-    found = await Devices.objects.get_or_none(digest=device) if device else None
-    return found is not None and user is not None and found.user.id == user.id
+def device_digest(cookie: str, user_id: int) -> str:
+    """What is stored for a client's device on one account. One cookie serves every
+    account the client logs in to, and the table does not tell which share a client."""
+    return hashlib.sha256(json.dumps([cookie, user_id]).encode()).hexdigest()
 
 
-def new_device_cookie(request: Request, response: Response) -> str:
-    """Give the client a device cookie of its own; the digest to store for it."""
+async def known_device(cookie: str | None, user: Users | None) -> str | None:
+    """The digest of the client's device on the user's account, if it is one."""
+    if cookie is None:
+        return None
+    # Looked up for any email (an unknown one as id 0, which no account has), so
+    # that it takes as long for every email.
+    digest = device_digest(cookie, user.id if user else 0)
+    found = await Devices.objects.filter(digest=digest).exists()
+    return digest if found and user is not None else None
+
+
+def new_device_cookie(request: Request, response: Response) -> str | None:
+    """Give the client a device cookie of its own; its value. None to a page of
+    another site (a log-in CSRF): the browser withholds from it the cookie it has,
+    and would keep a new one in its place."""
+    if request.headers.get("sec-fetch-site") == "cross-site":
+        return None
     value = secrets.token_urlsafe(32)
     response.set_cookie(
         DEVICE_COOKIE,
@@ -209,7 +229,7 @@ def new_device_cookie(request: Request, response: Response) -> str:
         samesite="strict",  # no other site's page sends it
         secure=request.url.scheme == "https",
     )
-    return hashlib.sha256(value.encode()).hexdigest()
+    return value
 
 
 def allowance(client: str, account: str, device: str | None) -> str:
@@ -218,17 +238,17 @@ def allowance(client: str, account: str, device: str | None) -> str:
 
 
 async def check_password(
-    password: str, user: Users | None, account: str, client: str, device: str | None
+    password: str, user: Users | None, account: str, client: str, cookie: str | None
 ) -> tuple[bool, str | None]:
     """Verify a password for `account` (its `user`, or None when there is none), after
     counting it; 429 past the bounds. What verify_password answers.
 
-    A client that sends one of the account's device cookies (it has logged in to it
-    before) has an allowance of its own. Any other is counted per address, and all
-    of them together per account: many addresses get no more than
-    LOG_IN_ATTEMPTS_PER_ACCOUNT guesses, and the owner's own device still logs in.
+    A client whose device cookie has logged in to the account before has an allowance
+    of its own. Any other is counted per address, and all of them together per
+    account: many addresses get no more than LOG_IN_ATTEMPTS_PER_ACCOUNT guesses, and
+    the owner's own device still logs in.
     """
-    known = device if await is_device_of(device, user) else None
+    known = await known_device(cookie, user)
 
     everyone = log_in_key("any client", account)
 
@@ -241,7 +261,7 @@ async def check_password(
     valid, new_hash = await in_hashing_thread(
         client, passwords.verify_password, password, stored_hash, first=count
     )
-    right = valid and user is not None and user.is_active
+    right = valid and user is not None and user.is_active and user.is_verified
     # A right password: this client's count starts again, and it is no guess of the
     # account's (whose count goes on: a log-in must not hand guessers more).
     await end_log_in_counts(allowance(client, account, known) if right else None)

@@ -55,7 +55,10 @@ def prepare(url: str) -> None:
     subprocess.run(alembic, cwd=PROJECT_DIR, env=env, check=True, capture_output=True)
     seed = [{"email": f"user{i}@example.com", "password": HASH} for i in range(ROWS)]
     seed[1]["password"] = PasswordHash.recommended().hash(PASSWORD)
-    insert = "INSERT INTO users (email, password, is_active) VALUES (:email, :password, true)"
+    insert = (
+        "INSERT INTO users (email, password, is_active, is_verified)"
+        " VALUES (:email, :password, true, true)"
+    )
     asyncio.run(execute(url, insert, seed))
 
 

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import make_url, pool
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -39,11 +40,23 @@ def worker_database_url() -> str:
     return url.set(database=f"{url.database}_{worker}").render_as_string(False)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 TEST_DATABASE_URL = worker_database_url()
 os.environ["DATABASE_URL"] = TEST_DATABASE_URL  # the app under test and alembic read it
+# This process's SMTP server (smtp_server below): the in-process app and every server
+# a test starts mail it.
+SMTP_PORT = free_port()  # aiosmtpd's Controller cannot take port 0
+os.environ["SMTP_URL"] = f"smtp://127.0.0.1:{SMTP_PORT}"
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
+from aiosmtpd.controller import Controller  # noqa: E402
 from alembic import command  # noqa: E402
 from alembic.config import Config  # noqa: E402
 from asgi_lifespan import LifespanManager  # noqa: E402
@@ -52,8 +65,11 @@ from cheap_hashing import CHEAP_DUMMY_HASH, CHEAP_HASH  # noqa: E402
 import main  # noqa: E402
 from accounts import passwords  # noqa: E402
 from accounts.models import LogInAttempts  # noqa: E402
+from accounts.schemas import UserRead  # noqa: E402
 from db import Users  # noqa: E402
 from support import (  # noqa: E402
+    MAILBOX,
+    PASSWORD,
     PROJECT_DIR,
     ClientAt,
     LoggedIn,
@@ -128,6 +144,21 @@ def migrated_database() -> Iterator[None]:
             drop_database(name)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def smtp_server() -> Iterator[None]:
+    """A real SMTP server on SMTP_PORT, on a thread; what it receives is MAILBOX's."""
+    server = Controller(MAILBOX, hostname="127.0.0.1", port=SMTP_PORT)
+    server.start()
+    yield
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def empty_mailbox() -> None:
+    """Each test counts the mail of its own."""
+    MAILBOX.messages.clear()
+
+
 @pytest.fixture(autouse=True)
 def cheap_hashing(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
@@ -184,8 +215,15 @@ async def hashing_threads_busy() -> AsyncIterator[Callable[[], None]]:
 
 @pytest.fixture
 def sign_up(client: httpx.AsyncClient) -> SignUp:
-    """Create an account through the in-process app; return the user it answers."""
-    return partial(sign_up_on, client)
+    """Create an account through the in-process app and open the link mailed to it;
+    return the user as `GET /users/me` shows it."""
+
+    async def sign_up(email: str, password: str = PASSWORD) -> dict[str, Any]:
+        await sign_up_on(client, email, password)
+        user = await Users.objects.get(email=email.lower())
+        return UserRead.model_validate(user, from_attributes=True).model_dump()
+
+    return sign_up
 
 
 @pytest.fixture
@@ -227,13 +265,6 @@ def alembic_engine(empty_database_url: str) -> AsyncEngine:
     NullPool, because pytest-alembic runs each step in an event loop of its own.
     """
     return create_async_engine(empty_database_url, poolclass=pool.NullPool)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture(name="free_port")

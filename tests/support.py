@@ -2,19 +2,25 @@
 clients of real servers), and the types of conftest's fixtures (the fixtures themselves
 come as test arguments, never as imports)."""
 
+import email
 import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from email.message import EmailMessage
+from email.policy import default
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+import anyio.to_thread
 import httpx
+from aiosmtpd.smtp import Envelope
 
 PASSWORD = "s3cret-pass"
 
@@ -52,14 +58,66 @@ def server_client_at(url: str, address: str, **options: Any) -> httpx.AsyncClien
     return httpx.AsyncClient(base_url=url, transport=transport, **options)
 
 
+class Mailbox:
+    """What the tests' SMTP server (aiosmtpd, on a thread of this process) received:
+    every server the tests start, and the in-process app, mail it (SMTP_URL)."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        message = email.message_from_bytes(content, policy=default)
+        assert isinstance(message, EmailMessage)
+        self.messages.append(message)
+        return "250 Message accepted for delivery"
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [m for m in self.messages if m["To"] == address.lower()]
+
+    def wait(self, address: str, count: int, timeout: float = 30) -> EmailMessage:
+        """The `count`th message to `address`, once it has come."""
+        deadline = time.monotonic() + timeout
+        while len(self.to(address)) < count:
+            assert time.monotonic() < deadline, f"no mail {count} to {address}"
+            time.sleep(0.01)
+        return self.to(address)[count - 1]
+
+    async def arrived(self, address: str, count: int) -> EmailMessage:
+        """`wait`, without holding up the event loop (the in-process app's mail)."""
+        return await anyio.to_thread.run_sync(self.wait, address, count)
+
+
+MAILBOX = Mailbox()
+
+
+def link_token(message: EmailMessage) -> str:
+    """The token of the link in a message, as a front end reads it from the URL."""
+    found = re.search(r"#token=([A-Za-z0-9_-]+)", message.get_content())
+    assert found, message.get_content()
+    return found[1]
+
+
 async def sign_up_on(
     client: httpx.AsyncClient, email: str, password: str = PASSWORD
-) -> dict[str, Any]:
-    """Create an account through the API that `client` talks to; return the user."""
+) -> None:
+    """Create an account through the API that `client` talks to, and open the link
+    mailed to its address."""
+    mailed = len(MAILBOX.to(email))
     response = await client.post("/users", json={"email": email, "password": password})
-    assert response.status_code == 201, response.text
-    user: dict[str, Any] = response.json()
-    return user
+    assert response.status_code == 202, response.text
+    token = {"token": link_token(await MAILBOX.arrived(email, mailed + 1))}
+    response = await client.post("/auth/verify-email", json=token)
+    assert response.status_code == 204, response.text
+
+
+def sign_up_with(client: httpx.Client, email: str, password: str = PASSWORD) -> None:
+    """sign_up_on, for a client that is not async."""
+    mailed = len(MAILBOX.to(email))
+    response = client.post("/users", json={"email": email, "password": password})
+    assert response.status_code == 202, response.text
+    token = {"token": link_token(MAILBOX.wait(email, mailed + 1))}
+    assert client.post("/auth/verify-email", json=token).status_code == 204
 
 
 async def log_in_on(

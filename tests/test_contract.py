@@ -9,7 +9,7 @@ import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,9 +24,10 @@ from sqlalchemy import make_url
 import accounts.routes as account_routes
 import main
 from accounts import CurrentUser, passwords, throttle
-from accounts.models import LogInAttempts
+from accounts.models import Links, LogInAttempts
+from accounts.sessions import token_digest
 from db import DATABASE_URL, Users, database
-from support import PASSWORD, PROJECT_DIR, LoggedIn, Server, SignUp
+from support import PASSWORD, PROJECT_DIR, LoggedIn, Server, SignUp, sign_up_with
 
 pytestmark = pytest.mark.anyio
 
@@ -155,6 +156,8 @@ DATABASE_DOWN = {"outage": "database"}  # the database cannot be reached
 # The password changes between its check and the write that depends on it.
 CHANGED_MEANWHILE = {"outage": "changed"}
 RIGHT = {"current_password": PASSWORD}
+LINK_TOKEN = "a-mailed-links-token"  # stored for ann, as a link of the flag's purpose
+VERIFY_LINK, RESET_LINK = {"link": "verify"}, {"link": "reset"}
 
 
 def case(
@@ -167,7 +170,7 @@ def case(
     **options: Any,
 ) -> Any:
     """One request and the one status code it must get, as a test of its own."""
-    setup: dict[str, Any] = {"as_ann": False, "outage": None}
+    setup: dict[str, Any] = {"as_ann": False, "outage": None, "link": None}
     for flag in flags:
         setup |= flag
     return pytest.param(
@@ -178,9 +181,9 @@ def case(
 # Every code of every route the template has, provoked. Routes a user adds are not
 # here, and need not be: the fuzzer checks that they answer only what they declare.
 CASES = [
-    case("new", "create_user", 201, "POST", url("create_user"),
+    case("new", "create_user", 202, "POST", url("create_user"),
          json={"email": "new@example.com", "password": SECRET}),
-    case("taken", "create_user", 409, "POST", url("create_user"),
+    case("taken", "create_user", 202, "POST", url("create_user"),
          json={"email": "ann@example.com", "password": SECRET}),
     case("bad-email", "create_user", 422, "POST", url("create_user"),
          json={"email": "x", "password": SECRET}),
@@ -205,6 +208,37 @@ CASES = [
          data={"username": "ann@example.com", "password": PASSWORD}),
     case("share-taken", "log_in", 429, "POST", url("log_in"), SHARE_TAKEN,
          data={"username": "ann@example.com", "password": PASSWORD}),
+    case("right", "verify_email", 204, "POST", url("verify_email"), VERIFY_LINK,
+         json={"token": LINK_TOKEN}),
+    case("wrong-purpose", "verify_email", 400, "POST", url("verify_email"),
+         RESET_LINK, json={"token": LINK_TOKEN}),
+    case("no-token", "verify_email", 422, "POST", url("verify_email"), json={}),
+    case("too-big", "verify_email", 413, "POST", url("verify_email"),
+         json={"token": "x" * 20000}),
+    case("database-down", "verify_email", 503, "POST", url("verify_email"),
+         DATABASE_DOWN, json={"token": LINK_TOKEN}),
+    case("any", "request_password_reset", 202, "POST",
+         url("request_password_reset"), json={"email": "ann@example.com"}),
+    case("not-utf8", "request_password_reset", 400, "POST",
+         url("request_password_reset"), content=NOT_UTF8, headers=JSON),
+    case("bad-email", "request_password_reset", 422, "POST",
+         url("request_password_reset"), json={"email": SECRET}),
+    case("too-big", "request_password_reset", 413, "POST",
+         url("request_password_reset"), json=BIG),
+    case("database-down", "request_password_reset", 503, "POST",
+         url("request_password_reset"), DATABASE_DOWN,
+         json={"email": "ann@example.com"}),
+    case("right", "reset_password", 204, "POST", url("reset_password"), RESET_LINK,
+         json={"token": LINK_TOKEN, "password": SECRET}),
+    case("unknown-token", "reset_password", 400, "POST", url("reset_password"),
+         json={"token": LINK_TOKEN, "password": SECRET}),
+    case("common-password", "reset_password", 422, "POST", url("reset_password"),
+         RESET_LINK, json={"token": LINK_TOKEN, "password": "password"}),
+    case("too-big", "reset_password", 413, "POST", url("reset_password"), json=BIG),
+    case("queue-full", "reset_password", 503, "POST", url("reset_password"),
+         RESET_LINK, QUEUE_FULL, json={"token": LINK_TOKEN, "password": SECRET}),
+    case("share-taken", "reset_password", 429, "POST", url("reset_password"),
+         RESET_LINK, SHARE_TAKEN, json={"token": LINK_TOKEN, "password": SECRET}),
     case("logged-in", "log_out", 204, "DELETE", url("log_out"), AS_ANN),
     case("anonymous", "log_out", 401, "DELETE", url("log_out")),
     case("database-down", "log_out", 503, "DELETE", url("log_out"), AS_ANN,
@@ -219,8 +253,10 @@ CASES = [
          json={"email": "b@example.com"}),
     case("wrong-current-password", "update_me", 403, "PATCH", url("update_me"),
          AS_ANN, json={"email": "b@example.com", "current_password": SECRET}),
-    case("taken", "update_me", 409, "PATCH", url("update_me"), AS_ANN,
+    case("email", "update_me", 202, "PATCH", url("update_me"), AS_ANN,
          json={"email": "bob@example.com", "current_password": PASSWORD}),
+    case("changed-meanwhile", "update_me", 409, "PATCH", url("update_me"), AS_ANN,
+         CHANGED_MEANWHILE, json={"password": SECRET, "current_password": PASSWORD}),
     case("too-big", "update_me", 413, "PATCH", url("update_me"), AS_ANN, json=BIG),
     case("not-utf8", "update_me", 400, "PATCH", url("update_me"), AS_ANN,
          content=NOT_UTF8, headers=JSON),
@@ -277,6 +313,14 @@ async def test_each_case_gets_exactly_its_code(
     path = path.replace(f"/{ANN_ID}", f"/{ann.user['id']}")
     if setup["as_ann"]:
         options = options | {"headers": options.get("headers", {}) | ann.headers}
+    if setup["link"]:
+        await Links.objects.create(
+            digest=token_digest(LINK_TOKEN),
+            user=ann.user["id"],
+            purpose=setup["link"],
+            email="ann@example.com",
+            expires_at=datetime.now(UTC) + timedelta(hours=1),
+        )
     if setup["outage"] == "queue":
         monkeypatch.setattr(throttle, "HASHING_QUEUE", 0)
     if setup["outage"] == "share":
@@ -523,8 +567,7 @@ def test_an_openapi_fuzzer_finds_no_undeclared_answer(
     """
     server = shared_server
     with httpx.Client(base_url=server.url) as client:
-        body = {"email": "fuzz@example.com", "password": PASSWORD}
-        assert client.post("/users", json=body).status_code == 201
+        sign_up_with(client, "fuzz@example.com")
         form = {"username": "fuzz@example.com", "password": PASSWORD}
         token = client.post("/auth/token", data=form).json()["access_token"]
     command = [str(Path(sys.executable).with_name("st")), "run"]

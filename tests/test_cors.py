@@ -5,7 +5,7 @@ import pytest
 from fastapi import FastAPI
 
 import main
-from support import PASSWORD, LoggedIn, StartServer, imported_again
+from support import PASSWORD, LoggedIn, StartServer, imported_again, sign_up_with
 
 pytestmark = pytest.mark.anyio
 
@@ -78,8 +78,7 @@ def test_a_listed_origin_calls_the_api_with_a_bearer_token(
         assert other.status_code == 400
         assert "access-control-allow-origin" not in other.headers
 
-        body = {"email": "ann@example.com", "password": PASSWORD}
-        assert client.post("/users", json=body).status_code == 201
+        sign_up_with(client, "ann@example.com")
         form = {"username": "ann@example.com", "password": PASSWORD}
         token = client.post("/auth/token", data=form).json()["access_token"]
         headers = {"Origin": FRONT_END, "Authorization": f"Bearer {token}"}

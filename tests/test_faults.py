@@ -23,7 +23,7 @@ from sqlalchemy import make_url, pool, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db import DATABASE_URL
-from support import Server, StartServer, loopback, server_client_at
+from support import Server, StartServer, loopback, server_client_at, sign_up_on
 
 pytestmark = pytest.mark.anyio
 
@@ -73,8 +73,7 @@ async def read_until(
 async def authenticate(client: httpx.AsyncClient) -> None:
     """Sign up a new user (with SECRET) and send its bearer token from now on."""
     email = f"ann-{uuid.uuid4().hex[:8]}@example.com"  # new on a shared server too
-    body = {"email": email, "password": SECRET}
-    assert (await client.post("/users", json=body)).status_code == 201
+    await sign_up_on(client, email, SECRET)
     form = {"username": email, "password": SECRET}
     response = await client.post("/auth/token", data=form)
     assert response.status_code == 200
@@ -351,7 +350,7 @@ async def test_sigterm_answers_every_accepted_sign_up_then_exits(
     print(f"\noutcomes: {sorted(outcomes.items())}; exit status {returncode}")
     accepted = {i for i, outcome in outcomes.items() if outcome != "ConnectError"}
     assert accepted == set(range(20))  # nothing accepted after, nothing refused before
-    assert all(outcomes[i] == 201 for i in accepted)
+    assert all(outcomes[i] == 202 for i in accepted)
     engine = create_async_engine(migrated_url, poolclass=pool.NullPool)
     async with engine.connect() as connection:
         emails = set(
@@ -360,7 +359,7 @@ async def test_sigterm_answers_every_accepted_sign_up_then_exits(
     await engine.dispose()
     assert emails == {f"user{i}@example.com" for i in accepted}
     log = server.log()
-    last_response = log.rindex('"POST /users HTTP/1.1" 201')
+    last_response = log.rindex('"POST /users HTTP/1.1" 202')
     assert last_response < log.index("Application shutdown complete")
     # uvicorn re-raises the SIGTERM once its graceful shutdown is complete, so the
     # process ends "killed by SIGTERM" (143 in a shell), as process managers expect.

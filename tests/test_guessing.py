@@ -1,7 +1,8 @@
 """Password guessing through real servers: `current_password` counted like a log-in,
 X-Forwarded-For believed from TRUSTED_PROXIES only, one bound per account across
 addresses and workers with the owner's device let through, common passwords refused,
-CORS_ORIGINS checked at start-up, and the device cookie as a browser receives it.
+CORS_ORIGINS checked at start-up, the device cookie as a browser receives it, and a
+log-in CSRF in headless Chromium that leaves the owner's device cookie as it was.
 
 Every server is uvicorn with the options the README gives, serving main.app with cheap
 hashing (tests/cheap_server.py: the counts are the subject here, not argon2's cost);
@@ -10,17 +11,22 @@ clients send from other loopback addresses, which uvicorn reports as other clien
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import httpx
 import pytest
 from conftest import copy_of, running_server
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.support.ui import WebDriverWait
 from test_throttle import SERVE_OPTIONS
 
 import main
@@ -31,6 +37,7 @@ from support import (
     log_in_on,
     server_client_at,
     sign_up_on,
+    sign_up_with,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -352,6 +359,66 @@ async def test_the_device_cookie_is_httponly_samesite_strict_and_not_secure_on_h
         again = await browser.post(TOKEN, data=form("dee@example.com", PASSWORD))
         assert again.status_code == 200
         assert "set-cookie" not in again.headers
+
+
+@pytest.fixture
+def chromium() -> Iterator[webdriver.Chrome]:
+    """Headless Chromium (or Chrome, at CHROME_BIN), through the chromedriver installed
+    beside it (Debian: `apt-get install chromium chromium-driver`)."""
+    chromedriver = shutil.which("chromedriver")
+    if chromedriver is None:
+        pytest.skip("no chromedriver: install Debian's chromium and chromium-driver")
+    options = webdriver.ChromeOptions()
+    # --no-sandbox lets it run as root, as CI does here; the rest keep its own traffic out.
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"):
+        options.add_argument(flag)
+    if "CHROME_BIN" in os.environ:
+        options.binary_location = os.environ["CHROME_BIN"]
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def device_cookies(browser: webdriver.Chrome) -> list[str]:
+    """The values of the device cookies the browser keeps for its page's site."""
+    return [c["value"] for c in browser.get_cookies() if c["name"] == "device"]
+
+
+@on_the_server
+def test_a_log_in_csrf_in_a_browser_leaves_it_the_owner_s_device_cookie(
+    server: Server, chromium: webdriver.Chrome
+) -> None:
+    owner, attacker = "fay@example.com", "gus@example.com"
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as api:
+        for email in (owner, attacker):
+            sign_up_with(api, email)
+    # The owner logs in from a page of the API's own origin.
+    chromium.get(f"{server.url}/health")
+    log_in = """const [username, password, done] = arguments;
+        fetch("/auth/token", {method: "POST", body: new URLSearchParams({username, password})})
+            .then((response) => done(response.status));"""
+    assert chromium.execute_async_script(log_in, owner, PASSWORD) == 200
+    [cookie] = device_cookies(chromium)
+
+    # Another site's page (a data: URL is an origin of its own) logs the browser in
+    # to the attacker's account, as a top-level form post: the browser sends no
+    # SameSite=Strict cookie with it, and would keep one that the answer sets.
+    fields = {"username": attacker, "password": PASSWORD}
+    inputs = "".join(f'<input name="{k}" value="{v}">' for k, v in fields.items())
+    page = (
+        f'<form method="post" action="{server.url}{TOKEN}">{inputs}</form>'
+        "<script>document.forms[0].submit()</script>"
+    )
+    chromium.get("data:text/html," + quote(page))
+    WebDriverWait(chromium, TIMEOUT).until(
+        lambda browser: "access_token" in browser.page_source
+    )  # logged in to the attacker's account
+
+    chromium.get(f"{server.url}/health")
+    assert device_cookies(chromium) == [cookie]
+    assert chromium.execute_async_script(log_in, owner, PASSWORD) == 200
 
 
 # CORS_ORIGINS at start-up ------------------------------------------------------------

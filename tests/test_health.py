@@ -87,8 +87,8 @@ async def test_models_and_database_that_differ_are_named_at_start_up_and_by_heal
             transport = httpx.ASGITransport(manager.app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
                 health = await c.get(app.url_path_for("health"))
-                body = {"email": "ann@example.com", "password": PASSWORD}
-                sign_up = await c.post(app.url_path_for("create_user"), json=body)
+                form = {"username": "ann@example.com", "password": PASSWORD}
+                log_in = await c.post(app.url_path_for("log_in"), data=form)
     finally:
         await sql(f"ALTER TABLE users RENAME COLUMN {PROBE} TO {column}")
 
@@ -100,7 +100,7 @@ async def test_models_and_database_that_differ_are_named_at_start_up_and_by_heal
         "detail": "The models and the database differ; see the log"
     }
     # A bug to fix, not an outage to wait out: a 500, and the log says why.
-    assert sign_up.status_code == 500
+    assert log_in.status_code == 500
     assert "The database lacks a table or column of the models" in caplog.text
     assert "database unavailable" not in caplog.text
 
@@ -116,8 +116,8 @@ def test_a_model_changed_without_a_revision_is_named_not_an_outage(
         migrated_url, ready_path="/openapi.json", project=project
     ) as server:
         assert httpx.get(server.url + "/health").status_code == 503
-        body = {"email": "ann@example.com", "password": PASSWORD}
-        assert httpx.post(server.url + "/users", json=body).status_code == 500
+        form = {"username": "ann@example.com", "password": PASSWORD}
+        assert httpx.post(server.url + "/auth/token", data=form).status_code == 500
         log = server.log()
     assert f"column users.{PROBE}: in the models, not in the database" in log
     assert "pipenv run makemigrations" in log

@@ -300,6 +300,48 @@ def test_deleting_a_user_deletes_its_tokens(
     assert count == (0,)
 
 
+# The revision that made sign-up prove the address (`users.is_verified`).
+VERIFIED_REVISION = "c5dda1d9eb23"
+
+
+# The revision whose devices' digests hold the account too, and are kept by last use.
+DEVICES_BY_LAST_USE = "56889ad717ee"
+
+
+def test_devices_stored_before_per_account_digests_are_forgotten_up_and_down(
+    alembic_runner: MigrationContext, empty_database_url: str
+) -> None:
+    # Their digests match nothing on the other side; a column over rows must not fail.
+    alembic_runner.migrate_up_before(DEVICES_BY_LAST_USE)
+    device = "INSERT INTO devices VALUES ('d1', 7, '2026-01-01 00:00:00')"
+    count = "SELECT count(*) FROM devices"
+    run_sql(empty_database_url, *ADD_USER_WITH_TOKEN, device)
+    alembic_runner.migrate_up_one()
+    assert run_sql(empty_database_url, count, device, count) == [[(0,)], None, [(1,)]]
+    alembic_runner.migrate_down_one()
+    assert run_sql(empty_database_url, count, device) == [[(0,)], None]
+    assert run_sql(empty_database_url, "SELECT digest, user_id FROM tokens") == [
+        [("d1", 7)]
+    ]
+
+
+def test_accounts_made_before_addresses_were_proven_stay_verified(
+    alembic_runner: MigrationContext, empty_database_url: str
+) -> None:
+    alembic_runner.migrate_up_before(VERIFIED_REVISION)
+    run_sql(empty_database_url, ADD_USER_WITH_TOKEN[0])
+    alembic_runner.migrate_up_to(VERIFIED_REVISION)
+    [[(verified,)]] = run_sql(empty_database_url, "SELECT is_verified FROM users")
+    assert verified  # they keep logging in
+    alembic_runner.migrate_up_to("heads")
+    new_user(empty_database_url, "b@b.co")  # a new account, made outside the app
+    [rows] = run_sql(empty_database_url, "SELECT email, is_verified FROM users")
+    assert {email: bool(verified) for email, verified in rows} == {
+        "a@b.co": True,
+        "b@b.co": False,  # has to prove its address
+    }
+
+
 def rebuild_users(project: Path, database_url: str) -> None:
     """Lengthen the probe column, and migrate: on SQLite batch mode copies `users`
     into a new table, drops the old one and renames the copy."""

@@ -28,7 +28,7 @@ import accounts.routes
 import accounts.sessions
 import main
 from accounts import passwords, throttle
-from accounts.models import Tokens
+from accounts.models import Devices, Tokens
 from accounts.sessions import TOKEN_LIFETIME, start_session, token_digest
 from db import DATABASE_URL, Users, database
 from support import (
@@ -152,10 +152,12 @@ async def reached(*requests: Held) -> None:
 
 
 async def account(email: str, following: bool = False) -> Users:
-    """An account with PASSWORD, created directly; `following`: right after another,
-    which has the first of the two hashes."""
+    """An account with PASSWORD and a proven address, created directly; `following`:
+    right after another, which has the first of the two hashes."""
     stored_hash = hashes_of_password(passwords.password_hash)[following]
-    return await Users.objects.create(email=email, password=stored_hash)
+    return await Users.objects.create(
+        email=email, password=stored_hash, is_verified=True
+    )
 
 
 async def session(user_id: int) -> dict[str, str]:
@@ -350,6 +352,29 @@ async def test_of_two_password_changes_at_once_one_wins_the_other_gets_409(
         await Users.objects.delete(each=True)
 
 
+async def test_log_ins_at_once_from_one_client_store_one_device_per_account(
+    client: httpx.AsyncClient, holdable: None
+) -> None:
+    # A client with a device cookie (from another account) logging in to an account
+    # several times at once: each log-in writes the same device.
+    first = await account("first@example.com")
+    assert (await client.post(TOKEN, data=form(first.email))).status_code == 200
+    for i in range(8):
+        ann = await account(f"ann{i}@example.com", following=True)
+        async with anyio.create_task_group() as tasks:
+            log_ins = [
+                hold(tasks, client, "POST", TOKEN, data=form(ann.email))
+                for _ in range(throttle.HASHING_SHARE)
+            ]
+            await reached(*log_ins)  # all checked, none has written
+            for log_in in log_ins:
+                log_in.released.set()
+        assert [log_in.status() for log_in in log_ins] == [200] * len(log_ins)
+        assert all("set-cookie" not in log_in.answer().headers for log_in in log_ins)
+        assert await Devices.objects.filter(user=ann.id).count() == 1
+        await Users.objects.delete(id=ann.id)
+
+
 async def test_a_new_account_never_gets_a_deleted_ones_id(sign_up: SignUp) -> None:
     ann = await sign_up("ann@example.com")
     newest = await sign_up("bob@example.com")
@@ -386,7 +411,12 @@ async def accounts_with_sessions(
     try:
         async with engine.begin() as connection:
             for email, token in zip(emails, issued, strict=True):
-                account = {"email": email, "password": stored_hash, "is_active": True}
+                account = {
+                    "email": email,
+                    "password": stored_hash,
+                    "is_active": True,
+                    "is_verified": True,
+                }
                 user_id = await connection.scalar(
                     users.insert().values(account).returning(users.c.id)
                 )

@@ -8,11 +8,12 @@ import anyio
 import httpx
 import pytest
 
-from accounts import passwords, throttle
+from accounts import links, mail, passwords, throttle
 from accounts.models import Tokens
 from db import Users
 from main import app
 from support import (
+    MAILBOX,
     PASSWORD,
     PROBE,
     ClientAt,
@@ -22,6 +23,7 @@ from support import (
     StartServer,
     add_probe_column,
     copy_project,
+    link_token,
     log_in_on,
     loopback,
     sign_up_on,
@@ -32,33 +34,49 @@ pytestmark = pytest.mark.anyio
 USERS = app.url_path_for("create_user")
 ME = app.url_path_for("read_me")
 HEALTH = app.url_path_for("health")
+TOKEN = app.url_path_for("log_in")
+VERIFY = app.url_path_for("verify_email")
 
 
-async def test_sign_up_returns_201_with_the_public_fields(
+async def test_sign_up_answers_202_and_the_link_mailed_proves_the_address(
     client: httpx.AsyncClient, log_in: LogIn
 ) -> None:
     response = await client.post(
         USERS, json={"email": "ann@example.com", "password": PASSWORD}
     )
-    assert response.status_code == 201
-    body = response.json()
-    # The template's public fields; a user may publish more (UserRead in main.py).
+    assert response.status_code == 202
+    assert response.json() == {"message": "Check your inbox to finish signing up"}
+    form = {"username": "ann@example.com", "password": PASSWORD}
+    assert (await client.post(TOKEN, data=form)).status_code == 401  # not yet
+
+    message = await MAILBOX.arrived("ann@example.com", 1)
+    assert (message["From"], message["Subject"]) == (
+        mail.MAIL_FROM,
+        "Confirm your email address",
+    )
+    token = link_token(message)
+    link = f"{mail.PUBLIC_URL}/verify-email#token={token}"
+    assert link in message.get_content().splitlines()
+    assert (await client.post(VERIFY, json={"token": token})).status_code == 204
+    headers = await log_in("ann@example.com")
+    body = (await client.get(ME, headers=headers)).json()
+    # The template's public fields; a user may publish more (UserRead, schemas.py).
     assert (body["email"], body["is_active"]) == ("ann@example.com", True)
     assert isinstance(body["id"], int) and "password" not in body
-    headers = await log_in("ann@example.com")
-    assert (await client.get(ME, headers=headers)).json() == body
 
 
 async def test_sign_up_normalises_the_email(
-    client: httpx.AsyncClient, sign_up: SignUp
+    client: httpx.AsyncClient, sign_up: SignUp, log_in: LogIn
 ) -> None:
     user = await sign_up("Alice@Example.COM")
     assert user["email"] == "alice@example.com"
     response = await client.post(
         USERS, json={"email": "alice@example.com", "password": "other-pass"}
     )
-    assert response.status_code == 409
-    assert response.json() == {"detail": "Email already registered"}
+    assert response.status_code == 202
+    notice = await MAILBOX.arrived("alice@example.com", 2)
+    assert notice["Subject"] == "Someone tried to sign up with your address"
+    await log_in("alice@example.com")  # the password is still the first one
 
 
 @pytest.mark.parametrize(
@@ -89,8 +107,9 @@ async def test_sign_up_ignores_a_client_sent_id(
         USERS,
         json={"id": first["id"], "email": "second@example.com", "password": PASSWORD},
     )
-    assert response.status_code == 201
-    assert response.json()["id"] != first["id"]
+    assert response.status_code == 202
+    second = await Users.objects.get(email="second@example.com")
+    assert second.id != first["id"]
 
 
 async def test_reading_your_account_needs_a_log_in(client: httpx.AsyncClient) -> None:
@@ -124,8 +143,12 @@ async def test_users_me_is_the_callers_own_account(
     assert (await client.get(ME, headers=bob_headers)).json() == bob
 
     change = {"email": "bob.new@example.com", "current_password": PASSWORD}
-    response = await client.patch(ME, json=change, headers=bob_headers)
-    assert response.json() == bob | {"email": "bob.new@example.com"}
+    assert (await client.patch(ME, json=change, headers=bob_headers)).status_code == 202
+    token = link_token(await MAILBOX.arrived("bob.new@example.com", 1))
+    assert (await client.post(VERIFY, json={"token": token})).status_code == 204
+    assert (await client.get(ME, headers=bob_headers)).json() == bob | {
+        "email": "bob.new@example.com"
+    }
     assert (await client.get(ME, headers=ann_headers)).json() == ann
 
 
@@ -144,9 +167,23 @@ async def test_changing_the_email_needs_the_current_password(
 
     right = {"email": "New@Example.com", "current_password": PASSWORD}
     response = await client.patch(ME, json=right, headers=headers)
-    assert response.status_code == 200
-    assert response.json() == ann.user | {"email": "new@example.com"}
-    assert (await client.get(ME, headers=headers)).json() == response.json()
+    assert response.status_code == 202
+    assert response.json() == {"message": "Check the new address's inbox to confirm it"}
+    # The account keeps its email until the new address's link is opened.
+    assert (await client.get(ME, headers=headers)).json() == ann.user
+    link = await MAILBOX.arrived("new@example.com", 1)
+    assert link["Subject"] == "Confirm your new email address"
+    assert f"{mail.PUBLIC_URL}/verify-email#token=" in link.get_content()
+    told = len(MAILBOX.to("ann@example.com"))
+    assert (
+        await client.post(VERIFY, json={"token": link_token(link)})
+    ).status_code == 204
+    me = (await client.get(ME, headers=headers)).json()
+    assert me == ann.user | {"email": "new@example.com"}
+    notice = await MAILBOX.arrived("ann@example.com", told + 1)  # the old address
+    assert notice["Subject"] == "Your email address was changed"
+    form = {"username": "new@example.com", "password": PASSWORD}
+    assert (await client.post(TOKEN, data=form)).status_code == 200
 
 
 async def test_changing_the_password_ends_every_other_session(
@@ -170,14 +207,19 @@ async def test_changing_the_password_ends_every_other_session(
     await log_in("ann@example.com", "new-s3cret")
 
 
-async def test_update_me_to_a_taken_email_returns_409(
+async def test_an_email_change_to_a_taken_address_answers_alike_and_moves_nothing(
     client: httpx.AsyncClient, ann: LoggedIn, sign_up: SignUp
 ) -> None:
     await sign_up("bob@example.com")
-    change = {"email": "BOB@example.com", "current_password": PASSWORD}
-    response = await client.patch(ME, json=change, headers=ann.headers)
-    assert response.status_code == 409
-    assert response.json() == {"detail": "Email already registered"}
+    bobs_mail = len(MAILBOX.to("bob@example.com"))
+    answers = []
+    for email in ("BOB@example.com", "free@example.com"):
+        change = {"email": email, "current_password": PASSWORD}
+        response = await client.patch(ME, json=change, headers=ann.headers)
+        answers.append((response.status_code, response.headers, response.content))
+    assert answers[0] == answers[1]
+    await MAILBOX.arrived("free@example.com", 1)  # mailed after Bob's look-up
+    assert len(MAILBOX.to("bob@example.com")) == bobs_mail
     assert (await client.get(ME, headers=ann.headers)).json() == ann.user
 
 
@@ -302,12 +344,12 @@ async def test_parallel_sign_ups_all_land(client_at: ClientAt) -> None:
         for i in range(len(emails)):
             tasks.start_soon(create, i)
 
-    assert statuses == [201] * len(emails)
+    assert statuses == [202] * len(emails)
     stored = await Users.objects.values_list("email", flatten=True)
     assert sorted(stored) == sorted(emails)
 
 
-async def test_parallel_sign_ups_with_one_email_give_one_201_and_409s(
+async def test_parallel_sign_ups_with_one_email_make_one_account(
     client_at: ClientAt,
 ) -> None:
     statuses: list[int] = []
@@ -321,8 +363,14 @@ async def test_parallel_sign_ups_with_one_email_give_one_201_and_409s(
         for i in range(10):
             tasks.start_soon(create, i)
 
-    assert sorted(statuses) == [201] + [409] * 9
+    assert statuses == [202] * 10
     assert await Users.objects.count() == 1
+    # One link for the one account; notices for the others, up to the mail cap.
+    await MAILBOX.arrived("same@example.com", links.MAILS_PER_KIND)
+    subjects = [m["Subject"] for m in MAILBOX.to("same@example.com")]
+    assert subjects.count("Confirm your email address") == 1
+    notices = subjects.count("Someone tried to sign up with your address")
+    assert links.MAILS_PER_KIND - 1 <= notices <= links.MAILS_PER_KIND
 
 
 @pytest.mark.real_hashing  # the hashes must be slow enough to block the loop
@@ -376,9 +424,10 @@ async def test_a_published_field_is_its_owners_to_change_without_a_password(
         schemas.write(PUBLISHED_PROBE)
     with start_server(migrated_url, project=project) as server:
         async with httpx.AsyncClient(base_url=server.url) as client:
-            user = await sign_up_on(client, "ann@example.com")
-            assert user[PROBE] is None
+            await sign_up_on(client, "ann@example.com")
             headers = await log_in_on(client, "ann@example.com")
+            user = (await client.get(ME, headers=headers)).json()
+            assert user[PROBE] is None
 
             # More edits than a client may check passwords: none needs or counts one.
             for i in range(throttle.LOG_IN_ATTEMPTS + 2):
