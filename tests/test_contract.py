@@ -27,11 +27,23 @@ from accounts import CurrentUser, passwords, throttle
 from accounts.models import Links, LogInAttempts
 from accounts.sessions import token_digest
 from db import DATABASE_URL, Users, database
-from support import PASSWORD, PROJECT_DIR, LoggedIn, Server, SignUp, sign_up_with
+from support import (
+    PASSWORD,
+    PASSWORD_MAX,
+    PROJECT_DIR,
+    LoggedIn,
+    Server,
+    SignUp,
+    a_password,
+    common_passwords,
+    sign_up_with,
+)
 
 pytestmark = pytest.mark.anyio
 
-SECRET = "do-not-echo-s3cret"
+SECRET = a_password("do-not-echo-s3cret")
+TOO_LONG = SECRET * (PASSWORD_MAX // len(SECRET) + 1)  # a password past its bound
+[COMMON] = common_passwords(1)
 
 
 def declared_codes() -> dict[str, set[int]]:
@@ -147,7 +159,8 @@ def validate(response: httpx.Response) -> None:
 url = main.app.url_path_for
 ANN_ID = "ann-id"  # in a path: replaced with ann's id
 JSON = {"content-type": "application/json"}
-BIG = {"email": "ann@example.com", "password": "x" * 20000}  # over MAX_BODY_SIZE
+OVER_THE_LIMIT = "x" * (main.MAX_BODY_SIZE + 1)
+BIG = {"email": "ann@example.com", "password": OVER_THE_LIMIT}
 NOT_UTF8 = b"\x80"
 AS_ANN = {"as_ann": True}  # the request carries ann's bearer token
 QUEUE_FULL = {"outage": "queue"}  # no room in the hashing queue
@@ -201,7 +214,7 @@ CASES = [
     case("no-password", "log_in", 422, "POST", url("log_in"),
          data={"username": "ann@example.com"}),
     case("too-big", "log_in", 413, "POST", url("log_in"),
-         data={"username": "a", "password": "x" * 20000}),
+         data={"username": "a", "password": OVER_THE_LIMIT}),
     case("bad-multipart", "log_in", 400, "POST", url("log_in"),
          content=b"--x\r\n", headers={"content-type": "multipart/form-data"}),
     case("queue-full", "log_in", 503, "POST", url("log_in"), QUEUE_FULL,
@@ -214,7 +227,7 @@ CASES = [
          RESET_LINK, json={"token": LINK_TOKEN}),
     case("no-token", "verify_email", 422, "POST", url("verify_email"), json={}),
     case("too-big", "verify_email", 413, "POST", url("verify_email"),
-         json={"token": "x" * 20000}),
+         json={"token": OVER_THE_LIMIT}),
     case("database-down", "verify_email", 503, "POST", url("verify_email"),
          DATABASE_DOWN, json={"token": LINK_TOKEN}),
     case("any", "request_password_reset", 202, "POST",
@@ -233,7 +246,7 @@ CASES = [
     case("unknown-token", "reset_password", 400, "POST", url("reset_password"),
          json={"token": LINK_TOKEN, "password": SECRET}),
     case("common-password", "reset_password", 422, "POST", url("reset_password"),
-         RESET_LINK, json={"token": LINK_TOKEN, "password": "password"}),
+         RESET_LINK, json={"token": LINK_TOKEN, "password": COMMON}),
     case("too-big", "reset_password", 413, "POST", url("reset_password"), json=BIG),
     case("queue-full", "reset_password", 503, "POST", url("reset_password"),
          RESET_LINK, QUEUE_FULL, json={"token": LINK_TOKEN, "password": SECRET}),
@@ -358,7 +371,7 @@ async def test_each_case_gets_exactly_its_code(
         ),
         (
             "application/json",
-            f'{{"email": "a@example.com", "password": "{SECRET * 9}"}}',
+            f'{{"email": "a@example.com", "password": "{TOO_LONG}"}}',
         ),
         ("application/json", f'"{SECRET}"'),
         ("application/json", f'{{"email": "{SECRET}'),
