@@ -153,7 +153,8 @@ async def test_current_password_guesses_with_a_stolen_token_are_throttled(
             return await thief.request("DELETE", ME, json={"current_password": guess})
 
         answers = [
-            await (change, delete)[i % 2](f"guess-number-{i}") for i in range(10)
+            await (change, delete)[i % 2](a_password(f"guess-number-{i}"))
+            for i in range(10)
         ]
         assert [answer.status_code for answer in answers] == [403] * 10
         assert answers[0].json() == {"detail": "Wrong current password"}

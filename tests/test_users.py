@@ -360,7 +360,7 @@ async def test_parallel_sign_ups_with_one_email_make_one_account(
     statuses: list[int] = []
 
     async def create(i: int) -> None:
-        body = {"email": "same@example.com", "password": f"password-{i}"}
+        body = {"email": "same@example.com", "password": a_password(f"password-{i}")}
         async with client_at(loopback(i)) as own:
             statuses.append((await own.post(USERS, json=body)).status_code)
 
