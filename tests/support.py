@@ -4,6 +4,7 @@ come as test arguments, never as imports)."""
 
 import email
 import importlib.util
+import itertools
 import os
 import re
 import shutil
@@ -16,13 +17,53 @@ from email.message import EmailMessage
 from email.policy import default
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import anyio.to_thread
 import httpx
+import sqlalchemy
 from aiosmtpd.smtp import Envelope
+from pydantic import TypeAdapter
+from zxcvbn.frequency_lists import FREQUENCY_LISTS
 
-PASSWORD = "s3cret-pass"
+from accounts.schemas import Password
+from db import Users
+
+# The bounds the app sets, read from the code that sets them (the user's to change):
+# the email's length from its column, the password's from the `Password` schema.
+EMAIL_LENGTH = int(
+    cast(sqlalchemy.String, Users.ormar_config.table.c.email.type).length or 0
+)
+_PASSWORD_SCHEMA = TypeAdapter(Password).json_schema()
+PASSWORD_MIN: int = _PASSWORD_SCHEMA.get("minLength", 1)
+PASSWORD_MAX: int = _PASSWORD_SCHEMA.get("maxLength", 1024)
+
+
+def a_password(text: str) -> str:
+    """`text` as a password within the bounds: repeated up to the least length, cut
+    to the most."""
+    stretched = text * (PASSWORD_MIN // len(text) + 1)
+    return stretched[: max(PASSWORD_MIN, min(len(text), PASSWORD_MAX))]
+
+
+def common_passwords(count: int) -> list[str]:
+    """The `count` most common passwords (zxcvbn's list) that fit the bounds: refused
+    for being common, not for their length."""
+    fitting = (
+        password
+        for password in FREQUENCY_LISTS["passwords"]
+        if PASSWORD_MIN <= len(password) <= PASSWORD_MAX
+    )
+    return list(itertools.islice(fitting, count))
+
+
+def an_email(name: str, length: int) -> str:
+    """An address `length` characters long: `name` padded, at example.com."""
+    domain = "@example.com"
+    return name + "a" * (length - len(name) - len(domain)) + domain
+
+
+PASSWORD = a_password("s3cret-pass")
 
 PROJECT_DIR = Path(__file__).parent.parent
 

@@ -20,7 +20,15 @@ import main
 from accounts import passwords, sessions, throttle
 from accounts.models import Tokens
 from db import Users
-from support import PASSWORD, PROJECT_DIR, LoggedIn, LogIn, SignUp, imported_again
+from support import (
+    PASSWORD,
+    PROJECT_DIR,
+    LoggedIn,
+    LogIn,
+    SignUp,
+    a_password,
+    imported_again,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -65,7 +73,9 @@ async def test_unknown_email_wrong_password_and_inactive_get_one_401(
     answers = [
         await client.post(TOKEN, data=form("nobody@example.com")),
         await client.post(TOKEN, data=form("ann\x00@example.com")),  # found by fuzzing
-        await client.post(TOKEN, data=form("ann@example.com", "wrong-password")),
+        await client.post(
+            TOKEN, data=form("ann@example.com", a_password("wrong-password"))
+        ),
         await client.post(TOKEN, data=form("off@example.com")),
     ]
     for response in answers:
@@ -177,7 +187,7 @@ async def test_an_unknown_email_costs_a_real_password_check(
 
     monkeypatch.setattr(passwords.password_hash, "verify_and_update", spy)
     await client.post(TOKEN, data=form("nobody@example.com"))
-    await client.post(TOKEN, data=form("ann@example.com", "wrong-password"))
+    await client.post(TOKEN, data=form("ann@example.com", a_password("wrong-password")))
 
     stored = (await Users.objects.get(email="ann@example.com")).password
     assert checked == [passwords.DUMMY_HASH, stored]
@@ -386,7 +396,7 @@ async def test_no_password_in_any_log_line(
     client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    secret = "never-log-this-s3cret"
+    secret = a_password("never-log-this-s3cret")
     requests: list[tuple[str, str, dict[str, Any]]] = [
         ("POST", USERS, {"json": {"email": "ann@example.com", "password": secret}}),
         ("POST", USERS, {"json": {"email": "ann@example.com", "password": secret}}),

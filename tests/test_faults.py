@@ -23,13 +23,20 @@ from sqlalchemy import make_url, pool, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db import DATABASE_URL
-from support import Server, StartServer, loopback, server_client_at, sign_up_on
+from support import (
+    Server,
+    StartServer,
+    a_password,
+    loopback,
+    server_client_at,
+    sign_up_on,
+)
 
 pytestmark = pytest.mark.anyio
 
 POSTGRESQL = make_url(DATABASE_URL).get_backend_name() == "postgresql"
 # Searched for in the server's output after each test: it must never be there.
-SECRET = "fault-Pw-9f3c2e71"
+SECRET = a_password("fault-Pw-9f3c2e71")
 UNAVAILABLE = '{"detail":"Service unavailable"}'
 
 

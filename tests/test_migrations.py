@@ -8,10 +8,7 @@ column of its own that it adds to `Users`, in a copy of the project.
 """
 
 import asyncio
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -452,45 +449,6 @@ def test_a_migration_that_fails_changes_nothing(
     assert after["alembic_version"]["rows"] == [("0badc0ffee00",)]
     assert after["probes"]["rows"] == []
     assert after["users"]["columns"][PROBE] == ("VARCHAR(8)", False)
-
-
-@pytest.mark.slow
-def test_the_migration_tests_pass_after_a_change_a_user_makes(
-    tmp_path: Path, migrated_url: str, request: pytest.FixtureRequest
-) -> None:
-    # What a user of the template does: a longer email, a column of their own.
-    project = copy_project(tmp_path)
-    db = project / "db.py"
-    text, found = re.subn(
-        r"(email: str = ormar\.String\([^)\n]*max_length=)(\d+)",
-        lambda m: f"{m[1]}{int(m[2]) + 16}",
-        db.read_text(),
-    )
-    assert found == 1, "no single `email: str = ormar.String(max_length=...` in db.py"
-    db.write_text(text)
-    add_users_field(
-        project,
-        "tutorial_test_signature: str | None = ormar.String(max_length=80, nullable=True)",
-    )
-    output = autogenerate(project, migrated_url, "longer emails, signatures")
-    assert "users.email" in output and "'users.tutorial_test_signature'" in output
-    alembic(project, migrated_url, "upgrade", "head")
-
-    # The migration tests of that project, one process on a database of their own
-    # (PostgreSQL: the migrated one; they create theirs next to it), without this one.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env.pop("TEST_DATABASE_URL", None)
-    if not migrated_url.startswith("sqlite"):
-        env["TEST_DATABASE_URL"] = migrated_url
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_migrations.py", "-q"]
-        + ["-p", "no:cacheprovider", "-n", "0", "-k", f"not {request.node.name}"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.slow  # alembic processes on a copy of the project

@@ -33,9 +33,12 @@ from accounts.sessions import TOKEN_LIFETIME, start_session, token_digest
 from db import DATABASE_URL, Users, database
 from support import (
     PASSWORD,
+    PASSWORD_MAX,
+    PASSWORD_MIN,
     Server,
     SignUp,
     StartServer,
+    a_password,
     loopback,
     server_client_at,
 )
@@ -228,7 +231,9 @@ async def test_a_change_whose_account_is_deleted_meanwhile_gets_401(
         ann_sessions = [await session(ann.id), await session(ann.id)]
         # Even tries change the email, odd ones the password (which ends sessions).
         change = (
-            {"email": f"new{i}@example.com"} if i % 2 == 0 else {"password": "p" * 9}
+            {"email": f"new{i}@example.com"}
+            if i % 2 == 0
+            else {"password": a_password("p" * 9)}
         )
         body = {**change, "current_password": PASSWORD}
         async with anyio.create_task_group() as tasks:
@@ -253,7 +258,7 @@ async def test_a_log_in_that_checked_the_old_password_starts_no_session(
     for i in range(8):
         ann = await account(f"ann{i}@example.com")
         changer = await session(ann.id)
-        body = {"password": "n" * 9, "current_password": PASSWORD}
+        body = {"password": a_password("n" * 9), "current_password": PASSWORD}
         async with anyio.create_task_group() as tasks:
             stale = hold(tasks, client, "POST", TOKEN, data=form(ann.email))
             await reached(stale)
@@ -291,7 +296,7 @@ async def test_a_log_in_during_a_password_changes_commit_starts_no_session(
     # committed: a log-in that checked the old password must wait for the commit.
     monkeypatch.setattr(accounts.routes, "database", CommitHoldingDatabase())
     engine = create_async_engine(DATABASE_URL, poolclass=sqlalchemy.NullPool)
-    body = {"password": "n" * 9, "current_password": PASSWORD}
+    body = {"password": a_password("n" * 9), "current_password": PASSWORD}
     for i in range(8):
         ann = await account(f"ann{i}@example.com")
         changer = await session(ann.id)
@@ -320,7 +325,7 @@ async def test_of_two_password_changes_at_once_one_wins_the_other_gets_409(
     for i in range(5):
         ann = await account(f"ann{i}@example.com")
         headers = [await session(ann.id), await session(ann.id)]
-        passwords = [f"first-{i}-pass", f"second-{i}-pass"]
+        passwords = [a_password(f"first-{i}-pass"), a_password(f"second-{i}-pass")]
         async with anyio.create_task_group() as tasks:
             changes = [
                 hold(
@@ -505,6 +510,7 @@ BAD_EMAILS = [
     f"a@ab--{SECRET}.example.com",  # "--" in the 3rd and 4th places: not IDNA
     f"{SECRET}",
 ]
+TOO_LONG = SECRET * (PASSWORD_MAX // len(SECRET) + 1)
 FIELDS = {"body", "email", "password", "current_password", "username"}
 
 
@@ -519,10 +525,13 @@ async def test_no_422_quotes_what_the_client_sent(client: httpx.AsyncClient) -> 
             client.patch(
                 ME, json={"email": email, "current_password": PASSWORD}, headers=headers
             ),
-            client.post(USERS, json={"email": "b@example.com", "password": email[:7]}),
+            client.post(
+                USERS,
+                json={"email": "b@example.com", "password": email[: PASSWORD_MIN - 1]},
+            ),
             client.patch(
                 ME,
-                json={"password": SECRET * 9, "current_password": PASSWORD},
+                json={"password": TOO_LONG, "current_password": PASSWORD},
                 headers=headers,
             ),
         ]

@@ -36,6 +36,8 @@ from support import (
     Server,
     SignUp,
     StartServer,
+    a_password,
+    common_passwords,
     server_client_at,
     sign_up_on,
 )
@@ -43,7 +45,7 @@ from support import (
 pytestmark = pytest.mark.anyio
 
 TOKEN = main.app.url_path_for("log_in")
-WRONG = "wrong-password"
+WRONG = a_password("wrong-password")
 # What `pipenv run serve` and the README's production command add to uvicorn's own.
 SERVE_OPTIONS = (
     "--no-proxy-headers",
@@ -278,7 +280,7 @@ async def test_a_known_device_keeps_its_cookie_and_a_password_change_ends_the_ot
     response = await client.patch(me, json=change, headers=ann.headers)
     assert response.status_code == 200
     assert [d.digest for d in await Devices.objects.all()] == [mine.digest]
-    delete = {"current_password": "a-new-s3cret"}
+    delete = {"current_password": a_password("a-new-s3cret")}
     await client.request("DELETE", me, json=delete, headers=ann.headers)
     assert await Devices.objects.count() == 0
 
@@ -412,7 +414,9 @@ async def test_a_client_is_counted_as_its_parsed_address(
     assert await throttle.client_address(request) == counted_as
 
 
-@pytest.mark.parametrize("password", ["password", "12345678", "Qwerty123"])
+@pytest.mark.parametrize(
+    "password", [*common_passwords(2), common_passwords(1)[0].upper()]
+)
 async def test_common_passwords_are_refused_unhashed(
     client: httpx.AsyncClient,
     ann: LoggedIn,
