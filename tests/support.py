@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -281,35 +282,48 @@ def as_alembic_in(project: Path, database_url: str) -> Iterator[None]:
             logger.propagate = propagate
 
 
+def run_alembic(project: Path, output: io.StringIO, args: tuple[str, ...]) -> bool:
+    """What the `alembic` command does, printing to `output` (Config's default stdout
+    is the one at import); whether it succeeded."""
+    try:
+        command_line = CommandLine()
+        options = command_line.parser.parse_args(args)
+        config = Config(
+            project / "alembic.ini",
+            ini_section=options.name,
+            stdout=output,
+            cmd_opts=options,
+        )
+        command_line.run_cmd(config, options)
+        return True
+    except SystemExit as exit:  # alembic's errors: a message, exit status 1
+        return exit.code in (0, None)
+    except Exception:
+        traceback.print_exc(file=output)
+        return False
+
+
 def alembic(project: Path, database_url: str, *args: str, succeeds: bool = True) -> str:
     """Run the alembic command line in `project`, in this process (the project's
     modules imported from there, without the 1 s of CPU of a new Python); return what
-    it printed. Warnings are errors, as in the whole test suite."""
+    it printed. Warnings are errors, as in the whole test suite.
+
+    On a thread of its own: env.py runs an event loop, which an async test's thread
+    has already.
+    """
     output = io.StringIO()
+    succeeded: list[bool] = []
     with (
         as_alembic_in(project, database_url),
         redirect_stdout(output),
         redirect_stderr(output),
     ):
-        try:
-            command_line = CommandLine()
-            options = command_line.parser.parse_args(args)
-            # What `alembic` does, but printing to `output` (Config's default stdout
-            # is the one at import).
-            config = Config(
-                project / "alembic.ini",
-                ini_section=options.name,
-                stdout=output,
-                cmd_opts=options,
-            )
-            command_line.run_cmd(config, options)
-            failed = False
-        except SystemExit as exit:  # alembic's errors: a message, exit status 1
-            failed = exit.code not in (0, None)
-        except Exception:
-            traceback.print_exc(file=output)
-            failed = True
-    assert failed != succeeds, output.getvalue()
+        thread = threading.Thread(
+            target=lambda: succeeded.append(run_alembic(project, output, args))
+        )
+        thread.start()
+        thread.join()
+    assert succeeded == [succeeds], output.getvalue()
     return output.getvalue()
 
 
