@@ -4,14 +4,24 @@ come as test arguments, never as imports)."""
 
 import email
 import importlib.util
+import io
 import itertools
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from contextlib import AbstractContextManager
+import traceback
+from collections.abc import Iterator
+from contextlib import (
+    AbstractContextManager,
+    contextmanager,
+    redirect_stderr,
+    redirect_stdout,
+)
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import default
@@ -23,6 +33,7 @@ import anyio.to_thread
 import httpx
 import sqlalchemy
 from aiosmtpd.smtp import Envelope
+from alembic.config import CommandLine, Config
 from pydantic import TypeAdapter
 from zxcvbn.frequency_lists import FREQUENCY_LISTS
 
@@ -260,21 +271,101 @@ def add_users_field(project: Path, line: str) -> None:
     db.write_text(text)
 
 
-def alembic(project: Path, database_url: str, *args: str, succeeds: bool = True) -> str:
-    """Run the alembic command line in `project`; return what it printed.
+def in_project(module: ModuleType, project: Path) -> bool:
+    """Whether `module` was imported from a file of `project`, not of its tests."""
+    file = Path(getattr(module, "__file__", None) or "/")
+    return file.is_relative_to(project) and not file.is_relative_to(project / "tests")
 
-    Warnings are errors, as in the test suite that runs the same migrations.
+
+def project_modules() -> list[str]:
+    """The modules imported from this project's own files (db, accounts, ...)."""
+    return [n for n, m in list(sys.modules.items()) if in_project(m, PROJECT_DIR)]
+
+
+@contextmanager
+def as_alembic_in(project: Path, database_url: str) -> Iterator[None]:
+    """This process, for one alembic command, as if started in `project`: its modules
+    imported from `project` (and put back after), DATABASE_URL, the logging that
+    env.py configures (put back after)."""
+    modules, path, cwd = dict(sys.modules), list(sys.path), os.getcwd()
+    # Their finders: the one of "." (pythonpath, alembic's prepend_sys_path) holds the
+    # directory it was made in.
+    finders = dict(sys.path_importer_cache)
+    sys.path_importer_cache.clear()
+    environ = os.environ.copy()
+    loggers = [logging.getLogger(n) for n in ("", "sqlalchemy.engine", "alembic")]
+    logged = [(lg.level, list(lg.handlers), lg.propagate) for lg in loggers]
+    for name in project_modules():
+        del sys.modules[name]
+    sys.path.insert(0, str(project))
+    os.chdir(project)
+    os.environ["DATABASE_URL"] = database_url
+    # A file rewritten within a second, same size, must not be read from its .pyc.
+    sys.dont_write_bytecode, writing = True, sys.dont_write_bytecode
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = writing
+        os.chdir(cwd)
+        sys.path[:] = path
+        sys.path_importer_cache.clear()
+        sys.path_importer_cache.update(finders)
+        os.environ.clear()
+        os.environ.update(environ)
+        for name in project_modules() + [
+            n for n, m in sys.modules.items() if in_project(m, project)
+        ]:
+            del sys.modules[name]
+        sys.modules.update(modules)
+        for logger, (level, handlers, propagate) in zip(loggers, logged, strict=True):
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+
+
+def run_alembic(project: Path, output: io.StringIO, args: tuple[str, ...]) -> bool:
+    """What the `alembic` command does, printing to `output` (Config's default stdout
+    is the one at import); whether it succeeded."""
+    try:
+        command_line = CommandLine()
+        options = command_line.parser.parse_args(args)
+        config = Config(
+            project / "alembic.ini",
+            ini_section=options.name,
+            stdout=output,
+            cmd_opts=options,
+        )
+        command_line.run_cmd(config, options)
+        return True
+    except SystemExit as exit:  # alembic's errors: a message, exit status 1
+        return exit.code in (0, None)
+    except Exception:
+        traceback.print_exc(file=output)
+        return False
+
+
+def alembic(project: Path, database_url: str, *args: str, succeeds: bool = True) -> str:
+    """Run the alembic command line in `project`, in this process (the project's
+    modules imported from there, without the 1 s of CPU of a new Python); return what
+    it printed. Warnings are errors, as in the whole test suite.
+
+    On a thread of its own: env.py runs an event loop, which an async test's thread
+    has already.
     """
-    result = subprocess.run(
-        [sys.executable, "-W", "error", "-m", "alembic", *args],
-        cwd=project,
-        env={**os.environ, "DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-    )
-    output = result.stdout + result.stderr
-    assert (result.returncode == 0) == succeeds, output
-    return output
+    output = io.StringIO()
+    succeeded: list[bool] = []
+    with (
+        as_alembic_in(project, database_url),
+        redirect_stdout(output),
+        redirect_stderr(output),
+    ):
+        thread = threading.Thread(
+            target=lambda: succeeded.append(run_alembic(project, output, args))
+        )
+        thread.start()
+        thread.join()
+    assert succeeded == [succeeds], output.getvalue()
+    return output.getvalue()
 
 
 def autogenerate(project: Path, database_url: str, message: str) -> str:

@@ -162,7 +162,7 @@ def write_probe_model(project: Path, fields: str) -> None:
         env.write_text(text)
 
 
-@pytest.mark.slow  # alembic processes on a copy of the project
+@pytest.mark.slow  # alembic on a copy of the project
 def test_adding_a_field_autogenerates_a_revision_that_upgrades_and_downgrades(
     tmp_path: Path, migrated_url: str
 ) -> None:
@@ -202,7 +202,7 @@ ALTERED_PROBE_FIELDS = """
 """
 
 
-@pytest.mark.slow  # alembic processes on a copy of the project
+@pytest.mark.slow  # alembic on a copy of the project
 def test_a_model_and_its_changes_autogenerate_revisions_that_run_on_either_database(
     tmp_path: Path, migrated_url: str
 ) -> None:
@@ -233,7 +233,7 @@ def test_a_model_and_its_changes_autogenerate_revisions_that_run_on_either_datab
     assert columns["name"] == ("VARCHAR(32)", False)
 
 
-@pytest.mark.slow  # alembic processes on a copy of the project
+@pytest.mark.slow  # alembic on a copy of the project
 def test_autogenerate_writes_no_empty_revision_and_sees_server_defaults(
     tmp_path: Path, migrated_url: str
 ) -> None:
@@ -348,7 +348,7 @@ def rebuild_users(project: Path, database_url: str) -> None:
     alembic(project, database_url, "upgrade", "head")
 
 
-@pytest.mark.slow  # alembic processes on a copy of the project
+@pytest.mark.slow  # alembic on a copy of the project
 def test_a_later_rebuild_of_users_keeps_every_token(
     tmp_path: Path, migrated_url: str
 ) -> None:
@@ -371,7 +371,7 @@ def new_user(url: str, email: str) -> int:
     return int(user_id)
 
 
-@pytest.mark.slow  # alembic processes on a copy of the project
+@pytest.mark.slow  # alembic on a copy of the project
 def test_ids_are_never_reused_even_after_a_later_rebuild_of_users(
     tmp_path: Path, migrated_url: str
 ) -> None:
@@ -420,7 +420,7 @@ def downgrade() -> None:
 """
 
 
-@pytest.mark.slow  # alembic processes on a copy of the project
+@pytest.mark.slow  # alembic on a copy of the project
 def test_a_migration_that_fails_changes_nothing(
     tmp_path: Path, migrated_url: str
 ) -> None:
@@ -451,7 +451,7 @@ def test_a_migration_that_fails_changes_nothing(
     assert after["users"]["columns"][PROBE] == ("VARCHAR(8)", False)
 
 
-@pytest.mark.slow  # alembic processes on a copy of the project
+@pytest.mark.slow  # alembic on a copy of the project
 def test_a_renamed_field_is_written_as_a_rename_that_keeps_the_data(
     tmp_path: Path, migrated_url: str
 ) -> None:
@@ -480,7 +480,7 @@ def test_a_renamed_field_is_written_as_a_rename_that_keeps_the_data(
     assert run_sql(migrated_url, "SELECT name FROM probes") == [[("kept",)]]
 
 
-@pytest.mark.slow  # alembic processes on a copy of the project
+@pytest.mark.slow  # alembic on a copy of the project
 def test_a_column_dropped_and_another_unlike_added_stops_makemigrations(
     tmp_path: Path, migrated_url: str
 ) -> None:
