@@ -274,7 +274,10 @@ def add_users_field(project: Path, line: str) -> None:
 def in_project(module: ModuleType, project: Path) -> bool:
     """Whether `module` was imported from a file of `project`, not of its tests."""
     file = Path(getattr(module, "__file__", None) or "/")
-    return file.is_relative_to(project) and not file.is_relative_to(project / "tests")
+    # Not the tests, nor the installed packages of a virtualenv inside the project.
+    return file.is_relative_to(project) and not any(
+        file.is_relative_to(other) for other in (project / "tests", sys.prefix)
+    )
 
 
 def project_modules() -> list[str]:
