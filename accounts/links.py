@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from accounts import mail, throttle
 from accounts.models import Links
 from accounts.sessions import token_digest
+from core.settings import settings
 from db import Users, database
 
 RESET_LIFETIME = timedelta(hours=1)
@@ -101,16 +102,16 @@ async def send_link(user: Users, purpose: str, address: str) -> None:
         if await executor.fetch_one(insert.returning(links.c.digest)) is None:
             return
     subject, text = LINKS[purpose]
-    url = f"{mail.PUBLIC_URL}/{PAGES[purpose]}#token={token}"
+    url = f"{settings.PUBLIC_URL}/{PAGES[purpose]}#token={token}"
     hours = lifetime // timedelta(hours=1)
-    text = text.format(site=mail.PUBLIC_URL, hours=hours, link=url)
+    text = text.format(site=settings.PUBLIC_URL, hours=hours, link=url)
     await mail.send(mail.message(address, subject, text))
 
 
 def notify(address: str, notice: str) -> None:
     """Mail `address` one of the NOTICES, in the outbox."""
     subject, text = NOTICES[notice]
-    message = mail.message(address, subject, text.format(site=mail.PUBLIC_URL))
+    message = mail.message(address, subject, text.format(site=settings.PUBLIC_URL))
     mail.later(mail.send, message)
 
 

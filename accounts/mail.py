@@ -2,7 +2,6 @@
 retried; without SMTP_URL, written whole to the server's output (for development)."""
 
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from email.message import EmailMessage
@@ -12,18 +11,10 @@ import aiosmtplib
 import anyio
 from anyio.abc import TaskGroup
 
+from core.settings import settings
+
 logger = logging.getLogger(__name__)
 
-# smtp://user:password@host:587 (STARTTLS when the server offers it), or smtps://...
-# (TLS from the start). Unset: each message is written to the output instead.
-SMTP_URL = os.environ.get("SMTP_URL", "")
-if SMTP_URL and urlsplit(SMTP_URL).scheme not in ("smtp", "smtps"):
-    raise ValueError("SMTP_URL: write smtp://user:password@host:587 or smtps://...")
-MAIL_FROM = os.environ.get("MAIL_FROM", "noreply@localhost")
-# The front end's address, which every link starts with: never the request's Host.
-PUBLIC_URL = os.environ.get("PUBLIC_URL", "http://localhost:8000").rstrip("/")
-if urlsplit(PUBLIC_URL).scheme not in ("http", "https"):
-    raise ValueError("PUBLIC_URL: write the front end's https://host[/path]")
 RETRY_DELAYS = (1.0, 10.0, 60.0)  # seconds before each retry of a failed send
 SHUTDOWN_GRACE = 3.0  # seconds that mail still on its way gets at shutdown
 
@@ -34,7 +25,7 @@ outbox: TaskGroup | None = None
 async def open_outbox() -> AsyncIterator[None]:
     """Run what `later` is given while the app runs (the lifespan opens it)."""
     global outbox
-    if not SMTP_URL:
+    if not settings.SMTP_URL:
         logger.warning("SMTP_URL is not set: mail is written here, not sent")
     async with anyio.create_task_group() as outbox:
         yield
@@ -57,7 +48,7 @@ def later(function: Callable[..., Awaitable[object]], *args: object) -> None:
 
 def message(to: str, subject: str, text: str) -> EmailMessage:
     message = EmailMessage()
-    message["From"], message["To"], message["Subject"] = MAIL_FROM, to, subject
+    message["From"], message["To"], message["Subject"] = settings.MAIL_FROM, to, subject
     message.set_content(text)
     return message
 
@@ -65,7 +56,7 @@ def message(to: str, subject: str, text: str) -> EmailMessage:
 async def send(message: EmailMessage) -> None:
     """Send `message`, retried after each of RETRY_DELAYS; log a failure, without the
     message (it may hold a token)."""
-    if not SMTP_URL:
+    if not settings.SMTP_URL:
         headers = "".join(
             f"{name}: {message[name]}\n" for name in ("From", "To", "Subject")
         )
@@ -73,7 +64,7 @@ async def send(message: EmailMessage) -> None:
             "Mail (not sent: no SMTP_URL):\n%s\n%s", headers, message.get_content()
         )
         return
-    smtp = urlsplit(SMTP_URL)
+    smtp = urlsplit(settings.SMTP_URL)
     for retry in (*RETRY_DELAYS, None):
         try:
             await aiosmtplib.send(

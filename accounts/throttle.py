@@ -6,11 +6,10 @@ import hashlib
 import ipaddress
 import json
 import math
-import os
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, TypeVar
 
 import anyio.to_thread
@@ -21,23 +20,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from accounts import passwords
 from accounts.models import Devices, LogInAttempts
 from accounts.passwords import hashing_limiter
+from core.settings import settings
 from db import Users, database
 
-# Sign-ups and log-ins waiting for a hashing thread; past this they get a 503 at once.
-HASHING_QUEUE = int(os.environ.get("PASSWORD_HASHING_QUEUE", "32"))
-# Of those, how many one client address may have waiting or running; past it, a 429.
-HASHING_SHARE = int(os.environ.get("PASSWORD_HASHING_SHARE", "4"))
-# Password checks per account and client (address, or device) that may come within
-# LOG_IN_PERIOD of each other; past that, a 429 until a period after the last one.
-LOG_IN_ATTEMPTS = int(os.environ.get("LOG_IN_ATTEMPTS", "10"))
-# The same, per account, for every client without the account's device cookie together.
-LOG_IN_ATTEMPTS_PER_ACCOUNT = int(os.environ.get("LOG_IN_ATTEMPTS_PER_ACCOUNT", "100"))
-LOG_IN_PERIOD = timedelta(minutes=float(os.environ.get("LOG_IN_PERIOD_MINUTES", "15")))
-# Proxies (addresses or networks) whose X-Forwarded-For is believed; none by default.
-TRUSTED_PROXIES = [
-    ipaddress.ip_network(proxy, strict=False)
-    for proxy in os.environ.get("TRUSTED_PROXIES", "").replace(",", " ").split()
-]
 DEVICE_COOKIE = "device"
 # Seconds a 429 waits before it is sent: a client that ignores Retry-After then costs
 # one request a second per connection, not hundreds (tests/benchmark.md).
@@ -68,7 +53,9 @@ def parsed_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
 
 def trusted(host: str) -> bool:
     address = parsed_address(host)
-    return address is not None and any(address in net for net in TRUSTED_PROXIES)
+    return address is not None and any(
+        address in net for net in settings.TRUSTED_PROXIES
+    )
 
 
 async def client_address(request: Request) -> str:
@@ -112,13 +99,13 @@ async def in_hashing_thread(
     before `first` runs: a flood from one address writes nothing and keeps no one else
     waiting for long.
     """
-    if hashing_limiter.statistics().tasks_waiting >= HASHING_QUEUE:
+    if hashing_limiter.statistics().tasks_waiting >= settings.PASSWORD_HASHING_QUEUE:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             "Too many sign-ups and log-ins at once; retry shortly",
             headers={"Retry-After": "1"},
         )
-    if hashing_places[client] >= HASHING_SHARE:
+    if hashing_places[client] >= settings.PASSWORD_HASHING_SHARE:
         await anyio.sleep(REFUSAL_PAUSE)
         raise too_many_requests("Too many sign-ups and log-ins from your address")
     hashing_places[client] += 1
@@ -148,7 +135,7 @@ async def count_attempt(key: str, limit: int) -> tuple[bool, datetime]:
     """
     table = LogInAttempts.ormar_config.table
     now = datetime.now(UTC)
-    over = table.c.last_attempt_at <= now - LOG_IN_PERIOD
+    over = table.c.last_attempt_at <= now - settings.LOG_IN_PERIOD
     allowed = over | (table.c.attempts < limit)
     dialect = postgresql if database.dialect.name == "postgresql" else sqlite
     upsert = dialect.insert(table).values(digest=key, attempts=1, last_attempt_at=now)
@@ -173,7 +160,7 @@ async def count_log_in(key: str, limit: int) -> None:
     """Count a password check on `key` before it is made; 429 past `limit`."""
     allowed, last = await count_attempt(key, limit)
     if not allowed:
-        wait = last + LOG_IN_PERIOD - datetime.now(UTC)
+        wait = last + settings.LOG_IN_PERIOD - datetime.now(UTC)
         detail = "Too many log-ins for this account; retry later"
         await anyio.sleep(REFUSAL_PAUSE)  # holding the address's place in the queue
         raise too_many_requests(detail, max(1, math.ceil(wait.total_seconds())))
@@ -182,7 +169,7 @@ async def count_log_in(key: str, limit: int) -> None:
 async def end_log_in_counts(key: str | None = None) -> None:
     """Delete every count whose period is over, and `key`'s (a right password)."""
     table = LogInAttempts.ormar_config.table
-    ended = table.c.last_attempt_at <= datetime.now(UTC) - LOG_IN_PERIOD
+    ended = table.c.last_attempt_at <= datetime.now(UTC) - settings.LOG_IN_PERIOD
     if key is not None:
         ended = ended | (table.c.digest == key)
     async with database.get_query_executor() as executor:
@@ -253,9 +240,9 @@ async def check_password(
     everyone = log_in_key("any client", account)
 
     async def count() -> None:
-        await count_log_in(allowance(client, account, known), LOG_IN_ATTEMPTS)
+        await count_log_in(allowance(client, account, known), settings.LOG_IN_ATTEMPTS)
         if known is None:
-            await count_log_in(everyone, LOG_IN_ATTEMPTS_PER_ACCOUNT)
+            await count_log_in(everyone, settings.LOG_IN_ATTEMPTS_PER_ACCOUNT)
 
     stored_hash = user.password if user else passwords.DUMMY_HASH
     valid, new_hash = await in_hashing_thread(

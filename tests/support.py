@@ -31,12 +31,14 @@ from typing import Any, Protocol, cast
 
 import anyio.to_thread
 import httpx
+import pytest
 import sqlalchemy
 from aiosmtpd.smtp import Envelope
 from alembic.config import CommandLine, Config
 from pydantic import TypeAdapter
 from zxcvbn.frequency_lists import FREQUENCY_LISTS
 
+import core.settings
 from accounts.schemas import Password
 from db import Users
 
@@ -80,13 +82,15 @@ PROJECT_DIR = Path(__file__).parent.parent
 
 
 def imported_again(file: str) -> ModuleType:
-    """One of the project's files (main.py, db.py) run again as a module of its own:
-    it reads os.environ at import, as in a new process, without starting one."""
+    """One of the project's files (main.py, db.py) run again as a module of its own,
+    with the settings read again from os.environ, as in a new process, without one."""
     path = PROJECT_DIR / file
     spec = importlib.util.spec_from_file_location(f"{path.stem}_again", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(core.settings, "settings", core.settings.Settings())
+        spec.loader.exec_module(module)
     return module
 
 

@@ -27,6 +27,8 @@ import main
 from accounts import CurrentUser, passwords, throttle
 from accounts.models import Links, LogInAttempts
 from accounts.sessions import token_digest
+from core import errors
+from core.settings import settings
 from db import DATABASE_URL, Users, database
 from support import (
     PASSWORD,
@@ -165,7 +167,7 @@ def validate(response: httpx.Response) -> None:
 url = main.app.url_path_for
 ANN_ID = "ann-id"  # in a path: replaced with ann's id
 JSON = {"content-type": "application/json"}
-OVER_THE_LIMIT = "x" * (main.MAX_BODY_SIZE + 1)
+OVER_THE_LIMIT = "x" * (settings.MAX_BODY_SIZE + 1)
 BIG = {"email": "ann@example.com", "password": OVER_THE_LIMIT}
 NOT_UTF8 = b"\x80"
 AS_ANN = {"as_ann": True}  # the request carries ann's bearer token
@@ -341,9 +343,9 @@ async def test_each_case_gets_exactly_its_code(
             expires_at=datetime.now(UTC) + timedelta(hours=1),
         )
     if setup["outage"] == "queue":
-        monkeypatch.setattr(throttle, "HASHING_QUEUE", 0)
+        monkeypatch.setattr(settings, "PASSWORD_HASHING_QUEUE", 0)
     if setup["outage"] == "share":
-        monkeypatch.setattr(throttle, "HASHING_SHARE", 0)
+        monkeypatch.setattr(settings, "PASSWORD_HASHING_SHARE", 0)
         monkeypatch.setattr(throttle, "REFUSAL_PAUSE", 0)  # the 429 at once
     if setup["outage"] == "changed":
         check = account_routes.check_current_password
@@ -447,7 +449,11 @@ async def test_a_value_the_database_cannot_store_gets_422_not_500(
         assert response.status_code == 422
         assert response.json() == {
             "detail": [
-                {"type": "unstorable", "loc": ["body", "text"], "msg": main.UNSTORABLE}
+                {
+                    "type": "unstorable",
+                    "loc": ["body", "text"],
+                    "msg": errors.UNSTORABLE,
+                }
             ]
         }
 
@@ -543,7 +549,7 @@ async def test_a_number_the_database_cannot_store_gets_422_naming_it(
     response = await client.request(method, PROBE_PATH + path, **options)
     assert response.status_code == 422, response.text
     assert response.json() == {
-        "detail": [{"type": "out_of_range", "loc": loc, "msg": main.OUT_OF_RANGE}]
+        "detail": [{"type": "out_of_range", "loc": loc, "msg": errors.OUT_OF_RANGE}]
     }
     validate(response)
 
@@ -572,7 +578,7 @@ async def test_a_declared_length_over_the_limit_gets_413_unread(
 ) -> None:
     response = await client.post(
         main.app.url_path_for("log_in"),
-        content=b"x" * (main.MAX_BODY_SIZE + 1),
+        content=b"x" * (settings.MAX_BODY_SIZE + 1),
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
     assert response.status_code == 413

@@ -21,8 +21,9 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 from test_throttle import SERVE_OPTIONS
 
-from accounts import links, mail, passwords, throttle
+from accounts import links, mail, passwords
 from accounts.models import Devices, Links, LogInAttempts, Tokens
+from core.settings import settings
 from db import Users
 from main import app
 from support import (
@@ -203,7 +204,7 @@ async def test_new_and_taken_sign_ups_take_the_same_time(
 async def test_an_unverified_log_in_gets_the_wrong_passwords_401_in_the_same_time(
     client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(throttle, "LOG_IN_ATTEMPTS", 1000)  # none refused
+    monkeypatch.setattr(settings, "LOG_IN_ATTEMPTS", 1000)  # none refused
     await sign_up("ann@example.com")
     body = {"email": "new@example.com", "password": PASSWORD}
     assert (await client.post(USERS, json=body)).status_code == 202
@@ -237,7 +238,7 @@ async def test_a_reset_answers_alike_for_every_address_and_mails_only_an_account
     assert known.status_code == 202
     message = await MAILBOX.arrived("ann@example.com", 2)
     assert message["Subject"] == "Reset your password"
-    link = f"{mail.PUBLIC_URL}/reset-password#token={link_token(message)}"
+    link = f"{settings.PUBLIC_URL}/reset-password#token={link_token(message)}"
     assert link in message.get_content().splitlines()
     await mail_settled(client, sign_up)
     assert MAILBOX.to("nobody@example.com") == []
@@ -261,7 +262,7 @@ async def test_known_and_unknown_resets_take_the_same_time(
 async def test_an_email_change_to_a_taken_address_takes_the_same_time(
     client: httpx.AsyncClient, ann: LoggedIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(throttle, "LOG_IN_ATTEMPTS", 1000)  # each checks a password
+    monkeypatch.setattr(settings, "LOG_IN_ATTEMPTS", 1000)  # each checks a password
     await accounts("taken")
 
     async def change_to(email: str) -> str | None:
@@ -500,7 +501,7 @@ async def test_three_mails_per_kind_reach_an_address_and_no_more(
     assert len(MAILBOX.to("moved@example.com")) == cap
 
     # A period after the last mail let through, one more may go.
-    over = datetime.now(UTC) - throttle.LOG_IN_PERIOD - timedelta(seconds=1)
+    over = datetime.now(UTC) - settings.LOG_IN_PERIOD - timedelta(seconds=1)
     await LogInAttempts.objects.update(each=True, last_attempt_at=over)
     await request_reset(client, "ann@example.com")
     await MAILBOX.arrived("ann@example.com", 2 + cap)
@@ -512,7 +513,7 @@ async def test_three_mails_per_kind_reach_an_address_and_no_more(
 async def test_links_start_with_public_url_whatever_the_host_header(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mail, "PUBLIC_URL", "https://app.example.com")
+    monkeypatch.setattr(settings, "PUBLIC_URL", "https://app.example.com")
     body = {"email": "ann@example.com", "password": PASSWORD}
     headers = {"Host": "evil.example", "X-Forwarded-Host": "evil.example"}
     assert (await client.post(USERS, json=body, headers=headers)).status_code == 202
@@ -533,7 +534,7 @@ async def test_without_smtp_url_each_message_is_written_whole_to_the_log(
 ) -> None:
     # (A real server's start-up warning: the slow tests at the end.)
     caplog.set_level(logging.WARNING, logger="accounts.mail")
-    monkeypatch.setattr(mail, "SMTP_URL", "")
+    monkeypatch.setattr(settings, "SMTP_URL", "")
     body = {"email": "ann@example.com", "password": PASSWORD}
     assert (await client.post(USERS, json=body)).status_code == 202
     with anyio.fail_after(10):
@@ -553,8 +554,8 @@ async def test_with_smtp_down_sign_up_is_202_and_a_reset_brings_the_owner_in_lat
     free_port: Callable[[], int],
 ) -> None:
     caplog.set_level(logging.INFO)
-    working = mail.SMTP_URL
-    monkeypatch.setattr(mail, "SMTP_URL", f"smtp://127.0.0.1:{free_port()}")
+    working = settings.SMTP_URL
+    monkeypatch.setattr(settings, "SMTP_URL", f"smtp://127.0.0.1:{free_port()}")
     monkeypatch.setattr(mail, "RETRY_DELAYS", (0.01, 0.01))
     body = {"email": "ann@example.com", "password": PASSWORD}
     assert (await client.post(USERS, json=body)).status_code == 202
@@ -565,7 +566,7 @@ async def test_with_smtp_down_sign_up_is_202_and_a_reset_brings_the_owner_in_lat
     assert "Mail 'Confirm your email address' not sent (3 tries)" in caplog.text
     assert "token" not in caplog.text
 
-    monkeypatch.setattr(mail, "SMTP_URL", working)  # mail works again
+    monkeypatch.setattr(settings, "SMTP_URL", working)  # mail works again
     assert (await request_reset(client, "ann@example.com")).status_code == 202
     assert (await reset(client, await link_to("ann@example.com"))).status_code == 204
     ok = await client.post(TOKEN, data=form("ann@example.com", NEW_PASSWORD))
@@ -615,7 +616,9 @@ async def test_a_refused_send_is_retried_and_credentials_are_the_urls(
     server.start()
     try:
         await sign_up("ann@example.com")
-        monkeypatch.setattr(mail, "SMTP_URL", f"smtp://mailer:p%40ss@127.0.0.1:{port}")
+        monkeypatch.setattr(
+            settings, "SMTP_URL", f"smtp://mailer:p%40ss@127.0.0.1:{port}"
+        )
         monkeypatch.setattr(mail, "RETRY_DELAYS", (0.01,))
         await request_reset(client, "ann@example.com")
         message: EmailMessage = await MAILBOX.arrived("ann@example.com", 2)
@@ -687,7 +690,7 @@ async def test_without_smtp_url_the_server_writes_each_message_to_its_output(
             assert (await client.post(TOKEN, data=form("ann@example.com"))).is_success
     log = server.log()
     assert "To: ann@example.com\nSubject: Confirm your email address" in log
-    assert f"{mail.PUBLIC_URL}/verify-email#token={token}" in log
+    assert f"{settings.PUBLIC_URL}/verify-email#token={token}" in log
     assert PASSWORD not in log and "Traceback" not in log
 
 

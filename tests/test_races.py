@@ -29,7 +29,8 @@ import accounts.sessions
 import main
 from accounts import passwords, throttle
 from accounts.models import Devices, Tokens
-from accounts.sessions import TOKEN_LIFETIME, start_session, token_digest
+from accounts.sessions import start_session, token_digest
+from core.settings import settings
 from db import DATABASE_URL, Users, database
 from support import (
     PASSWORD,
@@ -369,7 +370,7 @@ async def test_log_ins_at_once_from_one_client_store_one_device_per_account(
         async with anyio.create_task_group() as tasks:
             log_ins = [
                 hold(tasks, client, "POST", TOKEN, data=form(ann.email))
-                for _ in range(throttle.HASHING_SHARE)
+                for _ in range(settings.PASSWORD_HASHING_SHARE)
             ]
             await reached(*log_ins)  # all checked, none has written
             for log_in in log_ins:
@@ -429,7 +430,7 @@ async def accounts_with_sessions(
                     "user_id": user_id,
                     "digest": token_digest(token),
                     "created_at": now,
-                    "expires_at": now + TOKEN_LIFETIME,
+                    "expires_at": now + settings.TOKEN_LIFETIME,
                 }
                 await connection.execute(tokens.insert().values(session))
     finally:
@@ -493,7 +494,7 @@ async def session_of(client: httpx.AsyncClient, email: str) -> dict[str, str]:
 async def test_past_the_session_bound_a_log_in_ends_the_oldest_session(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(accounts.sessions, "SESSIONS_PER_USER", 3)
+    monkeypatch.setattr(settings, "SESSIONS_PER_USER", 3)
     await account("ann@example.com")
     bob = await session((await account("bob@example.com", following=True)).id)
     anns = [await session_of(client, "ann@example.com") for _ in range(4)]

@@ -8,8 +8,9 @@ import anyio
 import httpx
 import pytest
 
-from accounts import links, mail, passwords, throttle
+from accounts import links, passwords
 from accounts.models import Tokens
+from core.settings import settings
 from db import Users
 from main import app
 from support import (
@@ -56,11 +57,11 @@ async def test_sign_up_answers_202_and_the_link_mailed_proves_the_address(
 
     message = await MAILBOX.arrived("ann@example.com", 1)
     assert (message["From"], message["Subject"]) == (
-        mail.MAIL_FROM,
+        settings.MAIL_FROM,
         "Confirm your email address",
     )
     token = link_token(message)
-    link = f"{mail.PUBLIC_URL}/verify-email#token={token}"
+    link = f"{settings.PUBLIC_URL}/verify-email#token={token}"
     assert link in message.get_content().splitlines()
     assert (await client.post(VERIFY, json={"token": token})).status_code == 204
     headers = await log_in("ann@example.com")
@@ -178,7 +179,7 @@ async def test_changing_the_email_needs_the_current_password(
     assert (await client.get(ME, headers=headers)).json() == ann.user
     link = await MAILBOX.arrived("new@example.com", 1)
     assert link["Subject"] == "Confirm your new email address"
-    assert f"{mail.PUBLIC_URL}/verify-email#token=" in link.get_content()
+    assert f"{settings.PUBLIC_URL}/verify-email#token=" in link.get_content()
     told = len(MAILBOX.to("ann@example.com"))
     assert (
         await client.post(VERIFY, json={"token": link_token(link)})
@@ -435,7 +436,7 @@ async def test_a_published_field_is_its_owners_to_change_without_a_password(
             assert user[PROBE] is None
 
             # More edits than a client may check passwords: none needs or counts one.
-            for i in range(throttle.LOG_IN_ATTEMPTS + 2):
+            for i in range(settings.LOG_IN_ATTEMPTS + 2):
                 change = {PROBE: f"Ann {i}"}
                 response = await client.patch(ME, json=change, headers=headers)
                 assert response.json() == user | change, response.text
