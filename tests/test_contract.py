@@ -27,6 +27,7 @@ import main
 from accounts import CurrentUser, passwords, throttle
 from accounts.models import Links, LogInAttempts
 from accounts.sessions import token_digest
+from core import errors
 from db import DATABASE_URL, Users, database
 from support import (
     PASSWORD,
@@ -447,7 +448,7 @@ async def test_a_value_the_database_cannot_store_gets_422_not_500(
         assert response.status_code == 422
         assert response.json() == {
             "detail": [
-                {"type": "unstorable", "loc": ["body", "text"], "msg": main.UNSTORABLE}
+                {"type": "unstorable", "loc": ["body", "text"], "msg": errors.UNSTORABLE}
             ]
         }
 
@@ -543,7 +544,7 @@ async def test_a_number_the_database_cannot_store_gets_422_naming_it(
     response = await client.request(method, PROBE_PATH + path, **options)
     assert response.status_code == 422, response.text
     assert response.json() == {
-        "detail": [{"type": "out_of_range", "loc": loc, "msg": main.OUT_OF_RANGE}]
+        "detail": [{"type": "out_of_range", "loc": loc, "msg": errors.OUT_OF_RANGE}]
     }
     validate(response)
 
