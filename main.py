@@ -214,6 +214,7 @@ if CORS_ORIGINS:
 app.add_exception_handler(RequestValidationError, errors.validation_failed)
 for fault in errors.DATABASE_FAULTS:
     app.add_exception_handler(fault, errors.database_error)
+app.add_exception_handler(500, errors.internal_error)
 app.openapi = lambda: errors.openapi(app)  # type: ignore[method-assign]
 
 # Routes -----------------------------------------------------------------------------

@@ -271,7 +271,7 @@ async def test_update_me_refuses_to_clear_the_email_or_the_password(
     response = await client.patch(ME, json=body, headers=ann.headers)
     assert response.status_code == 422
     [error] = response.json()["detail"]
-    assert (error["type"], error["loc"]) == ("null_not_allowed", ["body", field])
+    assert error["loc"] == ["body", field]
     assert (await client.get(ME, headers=ann.headers)).json() == ann.user
 
 
