@@ -123,8 +123,9 @@ def refuse_as_postgresql(context: Any, **_: Any) -> None:
 def refusals(error: Exception) -> list[Refusal]:
     """What the model or the database refused, if the error is that it refused values
     sent (nothing was written); none otherwise."""
+    frames = traceback.walk_tb(error.__traceback__)
     if isinstance(error, ValidationError) and any(  # ormar validates what it writes
-        "ormar" in frame.filename for frame in traceback.extract_tb(error.__traceback__)
+        frame.f_globals.get("__name__", "").startswith("ormar.") for frame, _ in frames
     ):
         return [
             (public_error(e), partial(operator.eq, e["input"])) for e in error.errors()
