@@ -199,18 +199,15 @@ DATABASE_FAULTS = (
 async def database_error(request: Request, error: Exception) -> Response:
     """503 while the database cannot serve: the client may retry, nothing is lost.
 
-    422 for a value sent that the model or the database cannot store (a string too
-    long, a null for a NOT NULL column, a number out of range, a NUL character), with
-    the `loc` of each such value sent; other errors are bugs (500).
+    422 for a value sent that the model or the database refuses (too long, null, out
+    of range, NUL), with the `loc` of each such value sent; other errors are bugs (500).
     """
     if refused := refusals(error):
         sent = await sent_values(request)
         detail = []
         for answer, test in refused:
             field = list(answer["loc"])  # [] or the model's field, [name]
-            locs = [
-                loc for loc, value in sent if test(value) and field in ([], loc[-1:])
-            ]
+            locs = [loc for loc, v in sent if test(v) and field in ([], loc[-1:])]
             # Not found among the values sent (a number computed from them, say).
             detail += [answer | {"loc": loc} for loc in locs or [field]]
         return JSONResponse({"detail": detail}, 422)
