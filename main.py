@@ -36,7 +36,8 @@ app = FastAPIOffline(
     redoc_url=None,
     exception_handlers={
         RequestValidationError: errors.validation_failed,
-        **dict.fromkeys(errors.DATABASE_ERRORS, errors.database_error),
+        **dict.fromkeys(errors.DATABASE_FAULTS, errors.database_error),
+        500: errors.internal_error,  # a bug: JSON like every other error
     },
 )
 

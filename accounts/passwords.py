@@ -32,6 +32,8 @@ def usable_cpus() -> int:
 HASHING_THREADS = settings.PASSWORD_HASHING_THREADS or max(1, usable_cpus() - 1)
 hashing_limiter = anyio.CapacityLimiter(HASHING_THREADS)
 password_hash = PasswordHash.recommended()  # argon2id
+# The most characters a password may have, new or checked: it bounds a hash's work.
+MAX_LENGTH = 128
 # Verified for unknown emails, so that they cost what a real account costs.
 DUMMY_HASH = password_hash.hash(secrets.token_urlsafe())
 

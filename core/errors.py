@@ -1,20 +1,21 @@
-"""How errors are answered, and how the OpenAPI document declares them: every error is
-`{"detail": ...}`; a 422 names the field, never the value sent; a value the database
-cannot store is a 422; a database that cannot serve is a 503."""
+"""How errors are answered, and how the OpenAPI document declares them."""
 
 import contextlib
 import logging
+import operator
 import re
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Mapping
+from functools import partial
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy
 from fastapi import FastAPI, HTTPException, Request, Response, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -40,9 +41,11 @@ def unavailable(detail: str = "Service unavailable") -> HTTPException:
 # What a 422 says of a value sent that the database refused to store.
 OUT_OF_RANGE = "A number out of the range the database can store"
 UNSTORABLE = "A value the database cannot store, such as a NUL character"
+OUT_OF_RANGE_ERROR = {"type": "out_of_range", "loc": [], "msg": OUT_OF_RANGE}
+UNSTORABLE_ERROR = {"type": "unstorable", "loc": [], "msg": UNSTORABLE}
 
 
-def public_error(error: dict[str, Any]) -> dict[str, Any]:
+def public_error(error: Mapping[str, Any]) -> dict[str, Any]:
     """Which field and what kind of error, never the value sent: it may be a password.
 
     Where pydantic's message ends with a sub-error's text (an email's reason, a JSON
@@ -55,10 +58,8 @@ def public_error(error: dict[str, Any]) -> dict[str, Any]:
     return {"type": error["type"], "loc": error["loc"], "msg": message}
 
 
-async def validation_failed(
-    request: Request, error: RequestValidationError
-) -> JSONResponse:
-    detail = [public_error(e) for e in error.errors()]
+async def validation_failed(request: Request, error: Exception) -> JSONResponse:
+    detail = [public_error(e) for e in cast(RequestValidationError, error).errors()]
     return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
@@ -89,23 +90,57 @@ def has_nul(value: object) -> bool:
     return isinstance(value, str) and "\x00" in value
 
 
-# The `type` and `msg` of a 422 for a value the database refused, and how to tell
-# such a value among the ones sent.
-Refusal = tuple[str, str, Callable[[object], bool]]
+# The error a 422 gives for a value that the model or the database refused (its loc:
+# the model's field where known), and how to tell that value among the ones sent.
+Refusal = tuple[dict[str, Any], Callable[[object], bool]]
 
 
-def refusal(error: Exception) -> Refusal | None:
-    """What the database refused, if the error is that it refused a value sent (the
-    statement failed: nothing was written)."""
+class Refused(Exception):
+    """A value that SQLite would store and PostgreSQL refuses (args: a Refusal)."""
+
+
+# PostgreSQL's integer types, in bits, by the models' column types.
+INTEGER_BITS = {"small_integer": 16, "integer": 32, "big_integer": 64}
+
+
+@sqlalchemy.event.listens_for(sqlalchemy.Engine, "before_cursor_execute", named=True)
+def refuse_as_postgresql(context: Any, **_: Any) -> None:
+    """On SQLite, refuse the writes that PostgreSQL refuses (an integer past its
+    column's type, a NUL character in text): the default database answers what
+    production will. Reads pass as they are."""
+    if context.dialect.name != "sqlite" or not (context.isinsert or context.isupdate):
+        return
+    for values in context.compiled_parameters:
+        for name, value in values.items():
+            if has_nul(value):
+                raise Refused(UNSTORABLE_ERROR, has_nul)
+            column = context.compiled.binds[name].type
+            bits = INTEGER_BITS.get(column.__visit_name__, 0)
+            if bits and wider_than(bits)(value):
+                raise Refused(OUT_OF_RANGE_ERROR, wider_than(bits))
+
+
+def refusals(error: Exception) -> list[Refusal]:
+    """What the model or the database refused, if the error is that it refused values
+    sent (nothing was written); none otherwise."""
+    frames = traceback.walk_tb(error.__traceback__)
+    if isinstance(error, ValidationError) and any(  # ormar validates what it writes
+        frame.f_globals.get("__name__", "").startswith("ormar.") for frame, _ in frames
+    ):
+        return [
+            (public_error(e), partial(operator.eq, e["input"])) for e in error.errors()
+        ]
+    if isinstance(error, Refused):
+        return [error.args]
     text = str(getattr(error, "orig", error))
     if isinstance(error, OverflowError) and "SQLite" in text:  # sqlite3: past 64 bits
-        return "out_of_range", OUT_OF_RANGE, wider_than(64)
+        return [(OUT_OF_RANGE_ERROR, wider_than(64))]
     # PostgreSQL's data exceptions (SQLite stores these values).
     if not str(getattr(getattr(error, "orig", None), "sqlstate", "")).startswith("22"):
-        return None
+        return []
     if bits := re.search(r"out of int(\d+) range", text):  # asyncpg, before sending
-        return "out_of_range", OUT_OF_RANGE, wider_than(int(bits[1]))
-    return "unstorable", UNSTORABLE, has_nul
+        return [(OUT_OF_RANGE_ERROR, wider_than(int(bits[1])))]
+    return [(UNSTORABLE_ERROR, has_nul)]
 
 
 def lacks_what_models_have(error: Exception) -> bool:
@@ -122,7 +157,7 @@ def lacks_what_models_have(error: Exception) -> bool:
 async def sent_values(request: Request) -> list[tuple[list[str | int], object]]:
     """Every value of the request's path, query and JSON or form body, with its loc.
 
-    Read only when the database refused one: the normal path pays nothing for it.
+    Read only when a value was refused: the normal path pays nothing for it.
     """
     found: list[tuple[list[str | int], object]] = []
     found += [(["path", name], value) for name, value in request.path_params.items()]
@@ -151,7 +186,9 @@ async def sent_values(request: Request) -> list[tuple[list[str | int], object]]:
 
 
 # What database_error answers.
-DATABASE_ERRORS = (
+DATABASE_FAULTS = (
+    ValidationError,  # a value the model refused
+    Refused,
     OverflowError,  # sqlite3: an int past 64 bits
     sqlalchemy.exc.DBAPIError,
     sqlalchemy.exc.TimeoutError,  # every pooled connection busy
@@ -162,20 +199,19 @@ DATABASE_ERRORS = (
 async def database_error(request: Request, error: Exception) -> Response:
     """503 while the database cannot serve: the client may retry, nothing is lost.
 
-    422 for a value sent that the database cannot store (a number out of range, a NUL
-    character), with the `loc` of each such value sent; other errors are bugs (500).
+    422 for a value sent that the model or the database refuses (too long, null, out
+    of range, NUL), with the `loc` of each such value sent; other errors are bugs (500).
     """
-    if refused := refusal(error):
-        kind, message, looks_refused = refused
-        detail = [
-            {"type": kind, "loc": loc, "msg": message}
-            for loc, value in await sent_values(request)
-            if looks_refused(value)
-        ]
-        # Not found among the values sent (a number computed from them, say).
-        detail = detail or [{"type": kind, "loc": [], "msg": message}]
+    if refused := refusals(error):
+        sent = await sent_values(request)
+        detail = []
+        for answer, test in refused:
+            field = list(answer["loc"])  # [] or the model's field, [name]
+            locs = [loc for loc, v in sent if test(v) and field in ([], loc[-1:])]
+            # Not found among the values sent (a number computed from them, say).
+            detail += [answer | {"loc": loc} for loc in locs or [field]]
         return JSONResponse({"detail": detail}, 422)
-    if isinstance(error, OverflowError):
+    if isinstance(error, OverflowError | ValidationError):
         raise error  # not the database's: a bug, a 500
     if lacks_what_models_have(error):
         # Not an outage: the code and the database disagree until a migration.
@@ -198,17 +234,23 @@ async def database_error(request: Request, error: Exception) -> Response:
     return await http_exception_handler(request, unavailable())
 
 
+async def internal_error(request: Request, error: Exception) -> Response:
+    """A bug's 500, shaped as every other error; the server logs its traceback."""
+    return JSONResponse({"detail": "Internal Server Error"}, 500)
+
+
 def openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, plus the answers routes share, declared here once: 503 on
-    every route, 400 and 413 where a body is read, 401 where a token is (`CurrentUser`);
-    every error but a 422 shaped `{"detail": "..."}`. A route declares only its own."""
+    """FastAPI's document, plus the answers routes share, declared here once: 500 and
+    503 on every route, 400 and 413 where a body is read, 401 where a token is
+    (`CurrentUser`); every error but a 422 shaped `{"detail": "..."}`. A route
+    declares only its own."""
     if app.openapi_schema:
         return app.openapi_schema
     document = FastAPI.openapi(app)
     document["components"]["schemas"]["Error"] = Error.model_json_schema()
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     for operation in (o for path in document["paths"].values() for o in path.values()):
-        shared = {503}
+        shared = {500, 503}
         if "requestBody" in operation:
             shared |= {400, 413}
         if "security" in operation:

@@ -119,8 +119,13 @@ def test_a_model_changed_without_a_revision_is_named_not_an_outage(
     ) as server:
         assert httpx.get(server.url + "/health").status_code == 503
         form = {"username": "ann@example.com", "password": PASSWORD}
-        assert httpx.post(server.url + "/auth/token", data=form).status_code == 500
-        log = server.log()
+        response = httpx.post(server.url + "/auth/token", data=form)
+    log = server.log()  # once the server has stopped: all of it
+    # A bug's 500: JSON as every error; its traceback in the server's log.
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"detail": "Internal Server Error"}
+    assert "Traceback" in log
     assert f"column users.{PROBE}: in the models, not in the database" in log
     assert "pipenv run makemigrations" in log
     assert "The database lacks a table or column of the models" in log
