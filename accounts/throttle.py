@@ -33,6 +33,11 @@ LOG_IN_ATTEMPTS = int(os.environ.get("LOG_IN_ATTEMPTS", "10"))
 # The same, per account, for every client without the account's device cookie together.
 LOG_IN_ATTEMPTS_PER_ACCOUNT = int(os.environ.get("LOG_IN_ATTEMPTS_PER_ACCOUNT", "100"))
 LOG_IN_PERIOD = timedelta(minutes=float(os.environ.get("LOG_IN_PERIOD_MINUTES", "15")))
+# Sign-ups, and password reset requests, per client that may come within CLIENT_PERIOD
+# of each other (django-allauth's defaults); past that, a 429.
+SIGN_UPS_PER_CLIENT = 20
+RESETS_PER_CLIENT = 20
+CLIENT_PERIOD = timedelta(minutes=1)
 # Proxies (addresses or networks) whose X-Forwarded-For is believed; none by default.
 TRUSTED_PROXIES = [
     ipaddress.ip_network(proxy, strict=False)
@@ -138,17 +143,19 @@ def log_in_key(*parts: str) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-async def count_attempt(key: str, limit: int) -> tuple[bool, datetime]:
+async def count_attempt(
+    key: str, limit: int, period: timedelta | None = None
+) -> tuple[bool, datetime]:
     """Count an attempt on `key`: whether it is within `limit`, and when the last one
-    let through was.
+    let through was. Counts end a `period` (LOG_IN_PERIOD) after that.
 
     One statement counts and reads the count, so concurrent attempts cannot pass the
     bound together. A refused attempt does not move the time on: the count ends a
-    period after the last one let through.
+    period after the last one let through. Deletes counts whose period is over first.
     """
     table = LogInAttempts.ormar_config.table
     now = datetime.now(UTC)
-    over = table.c.last_attempt_at <= now - LOG_IN_PERIOD
+    over = table.c.last_attempt_at <= now - (period or LOG_IN_PERIOD)
     allowed = over | (table.c.attempts < limit)
     dialect = postgresql if database.dialect.name == "postgresql" else sqlite
     upsert = dialect.insert(table).values(digest=key, attempts=1, last_attempt_at=now)
@@ -162,31 +169,42 @@ async def count_attempt(key: str, limit: int) -> tuple[bool, datetime]:
         ),
     }
     upsert = upsert.on_conflict_do_update(index_elements=[table.c.digest], set_=changes)
+    # Over for every kind of count: a period as long as the longest is over.
+    ended = now - max(LOG_IN_PERIOD, CLIENT_PERIOD)
+    pruned = (
+        sqlalchemy.select(table.c.digest)
+        .where(table.c.last_attempt_at <= ended)
+        .limit(100)  # a bounded cost per count, more than it adds
+        .with_for_update(skip_locked=True)  # PostgreSQL: others prune others
+    )
     async with database.get_query_executor() as executor:
+        await executor.execute(table.delete().where(table.c.digest.in_(pruned)))
         row = await executor.fetch_one(upsert.returning(*table.c))
     assert row is not None
     last = row["last_attempt_at"]  # naive from SQLite, which stores UTC
     return row["attempts"] <= limit, last.replace(tzinfo=last.tzinfo or UTC)
 
 
-async def count_log_in(key: str, limit: int) -> None:
-    """Count a password check on `key` before it is made; 429 past `limit`."""
-    allowed, last = await count_attempt(key, limit)
+async def count_log_in(
+    key: str,
+    limit: int,
+    period: timedelta | None = None,
+    detail: str = "Too many log-ins for this account; retry later",
+) -> None:
+    """Count a password check (or another request) on `key` before it is made; 429
+    past `limit` within `period` (LOG_IN_PERIOD)."""
+    allowed, last = await count_attempt(key, limit, period)
     if not allowed:
-        wait = last + LOG_IN_PERIOD - datetime.now(UTC)
-        detail = "Too many log-ins for this account; retry later"
+        wait = last + (period or LOG_IN_PERIOD) - datetime.now(UTC)
         await anyio.sleep(REFUSAL_PAUSE)  # holding the address's place in the queue
         raise too_many_requests(detail, max(1, math.ceil(wait.total_seconds())))
 
 
-async def end_log_in_counts(key: str | None = None) -> None:
-    """Delete every count whose period is over, and `key`'s (a right password)."""
-    table = LogInAttempts.ormar_config.table
-    ended = table.c.last_attempt_at <= datetime.now(UTC) - LOG_IN_PERIOD
-    if key is not None:
-        ended = ended | (table.c.digest == key)
-    async with database.get_query_executor() as executor:
-        await executor.execute(table.delete().where(ended))
+async def count_request(kind: str, client: str) -> None:
+    """Count a "sign-up" or a "password reset" from `client`; 429 past its limit."""
+    limit = SIGN_UPS_PER_CLIENT if kind == "sign-up" else RESETS_PER_CLIENT
+    detail = f"Too many {kind}s from your address; retry later"
+    await count_log_in(log_in_key(kind, client), limit, CLIENT_PERIOD, detail)
 
 
 async def device_cookie(request: Request) -> str | None:
@@ -232,9 +250,12 @@ def new_device_cookie(request: Request, response: Response) -> str | None:
     return value
 
 
-def allowance(client: str, account: str, device: str | None) -> str:
-    """The key a check is counted on: the account's device's own, or the address's."""
-    return log_in_key("device", device) if device else log_in_key(client, account)
+def allowance(client: str, account: str, device: str | None, stored_hash: str) -> str:
+    """The key a check is counted on: the account's device's own, or the address's;
+    for the password the account has (a new one starts its counts afresh)."""
+    if device:
+        return log_in_key("device", device, stored_hash)
+    return log_in_key(client, account, stored_hash)
 
 
 async def check_password(
@@ -246,28 +267,29 @@ async def check_password(
     A client whose device cookie has logged in to the account before has an allowance
     of its own. Any other is counted per address, and all of them together per
     account: many addresses get no more than LOG_IN_ATTEMPTS_PER_ACCOUNT guesses, and
-    the owner's own device still logs in.
+    the owner's own device still logs in. Guesses at a password the account no longer
+    has count no more: a reset lets its owner in at once.
     """
     known = await known_device(cookie, user)
-
-    everyone = log_in_key("any client", account)
+    stored_hash = user.password if user else passwords.DUMMY_HASH
+    mine = allowance(client, account, known, stored_hash)
+    everyone = log_in_key("any client", account, stored_hash)
 
     async def count() -> None:
-        await count_log_in(allowance(client, account, known), LOG_IN_ATTEMPTS)
+        await count_log_in(mine, LOG_IN_ATTEMPTS)
         if known is None:
             await count_log_in(everyone, LOG_IN_ATTEMPTS_PER_ACCOUNT)
 
-    stored_hash = user.password if user else passwords.DUMMY_HASH
     valid, new_hash = await in_hashing_thread(
         client, passwords.verify_password, password, stored_hash, first=count
     )
-    right = valid and user is not None and user.is_active and user.is_verified
-    # A right password: this client's count starts again, and it is no guess of the
-    # account's (whose count goes on: a log-in must not hand guessers more).
-    await end_log_in_counts(allowance(client, account, known) if right else None)
-    if right and known is None:
+    if valid and user is not None and user.is_active and user.is_verified:
+        # This client's count starts again, and it was no guess of the account's
+        # (whose count goes on: a log-in must not hand guessers more).
         table = LogInAttempts.ormar_config.table
         taken_back = table.update().where(table.c.digest == everyone)
         async with database.get_query_executor() as executor:
-            await executor.execute(taken_back.values(attempts=table.c.attempts - 1))
+            await executor.execute(table.delete().where(table.c.digest == mine))
+            if known is None:
+                await executor.execute(taken_back.values(attempts=table.c.attempts - 1))
     return valid, new_hash

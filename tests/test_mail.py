@@ -186,8 +186,9 @@ async def accounts(name: str) -> None:
 
 
 async def test_new_and_taken_sign_ups_take_the_same_time(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(throttle, "SIGN_UPS_PER_CLIENT", 10**6)  # one client sends all
     await accounts("taken")
 
     async def sign_up_as(email: str) -> str:
@@ -244,8 +245,9 @@ async def test_a_reset_answers_alike_for_every_address_and_mails_only_an_account
 
 
 async def test_known_and_unknown_resets_take_the_same_time(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(throttle, "RESETS_PER_CLIENT", 10**6)  # one client sends all
     await accounts("known")
 
     async def reset_for(email: str) -> str | None:
@@ -370,8 +372,8 @@ async def test_every_link_dies_when_the_password_changes(
     assert (await client.get(ME, headers=ann.headers)).json() == ann.user
 
 
-async def test_a_reset_ends_every_session_and_device_and_other_links(
-    client: httpx.AsyncClient, ann: LoggedIn
+async def test_a_reset_ends_every_session_other_device_and_other_link(
+    client: httpx.AsyncClient, ann: LoggedIn, client_at: ClientAt
 ) -> None:
     await request_reset(client, "ann@example.com")
     await request_reset(client, "ann@example.com")
@@ -379,13 +381,17 @@ async def test_a_reset_ends_every_session_and_device_and_other_links(
         await link_to("ann@example.com", 2),
         await link_to("ann@example.com", 3),
     )
-    assert await Devices.objects.count() == 1  # the `ann` fixture's log-in
+    async with client_at("192.0.2.20") as phone:  # another device of ann's
+        assert (await phone.post(TOKEN, data=form("ann@example.com"))).is_success
+    mine = throttle.device_digest(client.cookies["device"], ann.user["id"])
+    assert await Devices.objects.count() == 2
 
     response = await reset(client, first)
     assert (response.status_code, response.content) == (204, b"")  # no log-in
-    assert "set-cookie" not in response.headers
+    assert "set-cookie" not in response.headers  # its device cookie, kept
     assert (await client.get(ME, headers=ann.headers)).status_code == 401
-    assert await Tokens.objects.count() == await Devices.objects.count() == 0
+    assert await Tokens.objects.count() == 0
+    assert [device.digest for device in await Devices.objects.all()] == [mine]
     assert (await reset(client, second)).json() == BAD_LINK
     assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 401
     new = await client.post(TOKEN, data=form("ann@example.com", NEW_PASSWORD))
