@@ -73,7 +73,9 @@ async def test_past_its_limit_a_client_gets_429_unhashed_and_others_go_on(
     monkeypatch.setattr(
         passwords, "hash_password", lambda p: hashed.append(p) or hash_password(p)
     )
-    statuses = [(await client.post(path, json=body(i))).status_code for i in range(limit)]
+    statuses = [
+        (await client.post(path, json=body(i))).status_code for i in range(limit)
+    ]
     assert statuses == [202] * limit
     hashes = len(hashed)
 
@@ -101,19 +103,18 @@ async def test_resets_at_once_from_one_client_get_no_more_than_its_limit_through
 ) -> None:
     # Read-then-write counting would let most of them through.
     path, body, _ = LIMITED["password reset"]
+    limit = throttle.RESETS_PER_CLIENT
+
+    async def send(i: int, statuses: list[int]) -> None:
+        statuses.append((await client.post(path, json=body(i))).status_code)
+
     for round in range(3):
         await LogInAttempts.objects.delete(each=True)
         statuses: list[int] = []
-
-        async def send(i: int) -> None:
-            statuses.append((await client.post(path, json=body(i))).status_code)
-
         async with anyio.create_task_group() as tasks:
-            for i in range(3 * throttle.RESETS_PER_CLIENT):
-                tasks.start_soon(send, i)
-        assert sorted(statuses) == [202] * throttle.RESETS_PER_CLIENT + [429] * (
-            2 * throttle.RESETS_PER_CLIENT
-        ), f"round {round}"
+            for i in range(3 * limit):
+                tasks.start_soon(send, i, statuses)
+        assert sorted(statuses) == [202] * limit + [429] * 2 * limit, f"round {round}"
 
 
 # Counts deleted where counts are added -------------------------------------------------
