@@ -3,6 +3,7 @@ per client address, the counts each request adds deleted once their period is ov
 and a reset (or a password change) that lets the owner in whatever guesses came
 before it."""
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -30,19 +31,21 @@ USERS, TOKEN, ME = url("create_user"), url("log_in"), url("read_me")
 RESET, CONFIRM = url("request_password_reset"), url("reset_password")
 WRONG = a_password("wrong-password")
 NEW_PASSWORD = a_password("a-new-s3cret")
-# Each limited request: its path, a body (numbered: an address of its own each), the
-# setting that limits it.
-LIMITED = {
-    "sign-up": (
-        USERS,
-        lambda i: {"email": f"new{i}@example.com", "password": PASSWORD},
-        "SIGN_UPS_PER_CLIENT",
-    ),
-    "password reset": (
-        RESET,
-        lambda i: {"email": f"someone{i}@example.com"},
-        "RESETS_PER_CLIENT",
-    ),
+
+
+def sign_up_body(i: int) -> dict[str, str]:
+    return {"email": f"new{i}@example.com", "password": PASSWORD}
+
+
+def reset_body(i: int) -> dict[str, str]:
+    return {"email": f"someone{i}@example.com"}
+
+
+# Each limited request: its path, its body (for an address of its own by number),
+# the setting that limits it.
+LIMITED: dict[str, tuple[str, Callable[[int], dict[str, str]], str]] = {
+    "sign-up": (USERS, sign_up_body, "SIGN_UPS_PER_CLIENT"),
+    "password reset": (RESET, reset_body, "RESETS_PER_CLIENT"),
 }
 
 
@@ -70,9 +73,12 @@ async def test_past_its_limit_a_client_gets_429_unhashed_and_others_go_on(
     limit = getattr(throttle, setting)
     hashed: list[str] = []
     hash_password = passwords.hash_password
-    monkeypatch.setattr(
-        passwords, "hash_password", lambda p: hashed.append(p) or hash_password(p)
-    )
+
+    def counted(password: str) -> str:
+        hashed.append(password)
+        return hash_password(password)
+
+    monkeypatch.setattr(passwords, "hash_password", counted)
     statuses = [
         (await client.post(path, json=body(i))).status_code for i in range(limit)
     ]
