@@ -139,11 +139,7 @@ async def request_password_reset(
     responses={**LINK_ANSWERS, **TOO_MANY},
 )
 async def reset_password(
-    body: PasswordReset,
-    client: ClientAddress,
-    request: Request,
-    response: Response,
-    device: DeviceCookie,
+    body: PasswordReset, client: ClientAddress, request: Request, response: Response
 ) -> None:
     """Set a new password with a reset link's token. Every session and device ends
     but this client, which logs in as the account's device; the address is proven."""
@@ -159,7 +155,7 @@ async def reset_password(
         # A stranger's password, sessions and links from before do not survive it.
         for table in (Tokens, Devices, Links):
             await table.objects.filter(user=user).delete()
-        await sessions.add_device(request, response, device, user)
+        await throttle.add_device(request, response, user)
     links.notify(link["email"], "password")
 
 

@@ -6,11 +6,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import sqlalchemy
-from fastapi import Depends, HTTPException, Request, Response, status
+from fastapi import Depends, HTTPException, status
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.dialects import postgresql, sqlite
 
-from accounts import throttle
 from accounts.models import Devices, Tokens
 from db import Users, database
 
@@ -139,15 +138,3 @@ async def start_session(
                 )
             )
     return True
-
-
-async def add_device(
-    request: Request, response: Response, cookie: str | None, user_id: int
-) -> None:
-    """Make the client a device of the account, as a log-in does (with a cookie of
-    its own if it has none): the browser that confirmed a reset is the owner's."""
-    cookie = cookie or throttle.new_device_cookie(request, response)
-    if cookie is not None:
-        digest = throttle.device_digest(cookie, user_id)
-        now = datetime.now(UTC)
-        await Devices.objects.create(digest=digest, user=user_id, last_used_at=now)

@@ -35,8 +35,7 @@ LOG_IN_ATTEMPTS_PER_ACCOUNT = int(os.environ.get("LOG_IN_ATTEMPTS_PER_ACCOUNT", 
 LOG_IN_PERIOD = timedelta(minutes=float(os.environ.get("LOG_IN_PERIOD_MINUTES", "15")))
 # Sign-ups, and password reset requests, per client that may come within CLIENT_PERIOD
 # of each other (django-allauth's defaults); past that, a 429.
-SIGN_UPS_PER_CLIENT = 20
-RESETS_PER_CLIENT = 20
+SIGN_UPS_PER_CLIENT = RESETS_PER_CLIENT = 20
 CLIENT_PERIOD = timedelta(minutes=1)
 # Proxies (addresses or networks) whose X-Forwarded-For is believed; none by default.
 TRUSTED_PROXIES = [
@@ -169,16 +168,10 @@ async def count_attempt(
         ),
     }
     upsert = upsert.on_conflict_do_update(index_elements=[table.c.digest], set_=changes)
-    # Over for every kind of count: a period as long as the longest is over.
-    ended = now - max(LOG_IN_PERIOD, CLIENT_PERIOD)
-    pruned = (
-        sqlalchemy.select(table.c.digest)
-        .where(table.c.last_attempt_at <= ended)
-        .limit(100)  # a bounded cost per count, more than it adds
-        .with_for_update(skip_locked=True)  # PostgreSQL: others prune others
-    )
+    # Over whatever its period: the longest is over (indexed, a few rows each time).
+    ended = table.c.last_attempt_at <= now - max(LOG_IN_PERIOD, CLIENT_PERIOD)
     async with database.get_query_executor() as executor:
-        await executor.execute(table.delete().where(table.c.digest.in_(pruned)))
+        await executor.execute(table.delete().where(ended))
         row = await executor.fetch_one(upsert.returning(*table.c))
     assert row is not None
     last = row["last_attempt_at"]  # naive from SQLite, which stores UTC
@@ -250,12 +243,13 @@ def new_device_cookie(request: Request, response: Response) -> str | None:
     return value
 
 
-def allowance(client: str, account: str, device: str | None, stored_hash: str) -> str:
-    """The key a check is counted on: the account's device's own, or the address's;
-    for the password the account has (a new one starts its counts afresh)."""
-    if device:
-        return log_in_key("device", device, stored_hash)
-    return log_in_key(client, account, stored_hash)
+async def add_device(request: Request, response: Response, user_id: int) -> None:
+    """Make the client a device of the account, as a log-in does (with a cookie of
+    its own if it has none): the browser that confirmed a reset is the owner's."""
+    cookie = await device_cookie(request) or new_device_cookie(request, response)
+    if cookie is not None:
+        digest, now = device_digest(cookie, user_id), datetime.now(UTC)
+        await Devices.objects.create(digest=digest, user=user_id, last_used_at=now)
 
 
 async def check_password(
@@ -267,12 +261,13 @@ async def check_password(
     A client whose device cookie has logged in to the account before has an allowance
     of its own. Any other is counted per address, and all of them together per
     account: many addresses get no more than LOG_IN_ATTEMPTS_PER_ACCOUNT guesses, and
-    the owner's own device still logs in. Guesses at a password the account no longer
-    has count no more: a reset lets its owner in at once.
+    the owner's own device still logs in.
     """
     known = await known_device(cookie, user)
+    # Counted for the password the account has: a new one starts its counts afresh.
     stored_hash = user.password if user else passwords.DUMMY_HASH
-    mine = allowance(client, account, known, stored_hash)
+    allowance = ("device", known) if known else (client, account)
+    mine = log_in_key(*allowance, stored_hash)
     everyone = log_in_key("any client", account, stored_hash)
 
     async def count() -> None:
