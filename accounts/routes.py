@@ -80,6 +80,7 @@ async def create_user(
 ) -> Message:
     """Sign up: the address is mailed a link that proves it (for
     `POST /auth/verify-email`), or, if it has an account, a notice."""
+    await throttle.count_request("sign-up", client)  # before any hashing
     # One hash for every address: the hashing queue's 429 and 503 apply alike.
     password = await throttle.in_hashing_thread(
         client, passwords.hash_password, body.password
@@ -118,12 +119,15 @@ async def verify_email(body: EmailVerification) -> None:
         links.notify(user.email, "email")
 
 
-@router.post("/auth/password-reset", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/auth/password-reset", status_code=status.HTTP_202_ACCEPTED, responses=TOO_MANY
+)
 async def request_password_reset(
-    body: PasswordResetRequest, background: BackgroundTasks
+    body: PasswordResetRequest, client: ClientAddress, background: BackgroundTasks
 ) -> Message:
     """Mail a link to choose a new password (for `POST /auth/password-reset/confirm`)
     if the address has an account."""
+    await throttle.count_request("password reset", client)
     allowed = await links.within_cap("reset", body.email)
     background.add_task(links.reset_requested, body.email, allowed)
     return RESET_REQUESTED
@@ -134,9 +138,11 @@ async def request_password_reset(
     status_code=status.HTTP_204_NO_CONTENT,
     responses={**LINK_ANSWERS, **TOO_MANY},
 )
-async def reset_password(body: PasswordReset, client: ClientAddress) -> None:
-    """Set a new password with a reset link's token. Every session and device ends,
-    and the address is proven; log in afterwards."""
+async def reset_password(
+    body: PasswordReset, client: ClientAddress, request: Request, response: Response
+) -> None:
+    """Set a new password with a reset link's token. Every session and device ends
+    but this client, which logs in as the account's device; the address is proven."""
     password = await throttle.in_hashing_thread(
         client, passwords.hash_password, body.password
     )
@@ -149,6 +155,7 @@ async def reset_password(body: PasswordReset, client: ClientAddress) -> None:
         # A stranger's password, sessions and links from before do not survive it.
         for table in (Tokens, Devices, Links):
             await table.objects.filter(user=user).delete()
+        await throttle.add_device(request, response, user)
     links.notify(link["email"], "password")
 
 

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     CORS_ORIGINS: Annotated[
         list[Annotated[str, AfterValidator(origin)]], NoDecode, Words
     ] = []
+    # Sign-ups, and password reset requests, per client address within a minute of each
+    # other (django-allauth's default); past it, a 429.
+    SIGN_UPS_AND_RESETS_PER_MINUTE: PositiveInt = 20
     # Proxies (addresses or networks) whose X-Forwarded-For names the client.
     TRUSTED_PROXIES: Annotated[list[IPvAnyNetwork], NoDecode, Words] = []
     # How long a log-in lasts, in hours.

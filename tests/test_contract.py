@@ -173,6 +173,7 @@ NOT_UTF8 = b"\x80"
 AS_ANN = {"as_ann": True}  # the request carries ann's bearer token
 QUEUE_FULL = {"outage": "queue"}  # no room in the hashing queue
 SHARE_TAKEN = {"outage": "share"}  # this address holds its share of the queue
+PAST_LIMIT = {"outage": "limit"}  # this address has sent its sign-ups and resets
 DATABASE_DOWN = {"outage": "database"}  # the database cannot be reached
 # The password changes between its check and the write that depends on it.
 CHANGED_MEANWHILE = {"outage": "changed"}
@@ -215,6 +216,8 @@ CASES = [
          json={"email": "q@example.com", "password": SECRET}),
     case("share-taken", "create_user", 429, "POST", url("create_user"), SHARE_TAKEN,
          json={"email": "q@example.com", "password": SECRET}),
+    case("past-limit", "create_user", 429, "POST", url("create_user"), PAST_LIMIT,
+         json={"email": "q@example.com", "password": SECRET}),
     case("right", "log_in", 200, "POST", url("log_in"),
          data={"username": "ann@example.com", "password": PASSWORD}),
     case("wrong", "log_in", 401, "POST", url("log_in"),
@@ -240,6 +243,8 @@ CASES = [
          DATABASE_DOWN, json={"token": LINK_TOKEN}),
     case("any", "request_password_reset", 202, "POST",
          url("request_password_reset"), json={"email": "ann@example.com"}),
+    case("past-limit", "request_password_reset", 429, "POST",
+         url("request_password_reset"), PAST_LIMIT, json={"email": "a@example.com"}),
     case("not-utf8", "request_password_reset", 400, "POST",
          url("request_password_reset"), content=NOT_UTF8, headers=JSON),
     case("bad-email", "request_password_reset", 422, "POST",
@@ -347,6 +352,10 @@ async def test_each_case_gets_exactly_its_code(
         monkeypatch.setattr(settings, "PASSWORD_HASHING_QUEUE", 0)
     if setup["outage"] == "share":
         monkeypatch.setattr(settings, "PASSWORD_HASHING_SHARE", 0)
+        monkeypatch.setattr(throttle, "REFUSAL_PAUSE", 0)  # the 429 at once
+    if setup["outage"] == "limit":
+        monkeypatch.setattr(settings, "SIGN_UPS_AND_RESETS_PER_MINUTE", 0)
+        monkeypatch.setattr(settings, "SIGN_UPS_AND_RESETS_PER_MINUTE", 0)
         monkeypatch.setattr(throttle, "REFUSAL_PAUSE", 0)  # the 429 at once
     if setup["outage"] == "changed":
         check = account_routes.check_current_password

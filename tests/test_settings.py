@@ -99,6 +99,7 @@ REFUSED = {
     "LOG_IN_ATTEMPTS": "-3",
     "LOG_IN_ATTEMPTS_PER_ACCOUNT": "1e9",
     "LOG_IN_PERIOD_MINUTES": "-15",
+    "SIGN_UPS_AND_RESETS_PER_MINUTE": "twenty",
 }
 
 
