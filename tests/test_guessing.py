@@ -36,6 +36,7 @@ from support import (
     Server,
     a_password,
     common_passwords,
+    faults,
     log_in_on,
     server_client_at,
     sign_up_on,
@@ -103,7 +104,7 @@ def serve(
         ) as server,
     ):
         yield server
-    assert "Traceback" not in server.log(), server.log()
+    assert "Traceback" not in server.log(), faults(server.log())
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +304,7 @@ async def test_many_addresses_share_one_bound_per_account_the_owner_s_device_not
             assert_refused(await stranger.post(TOKEN, data=form(email, PASSWORD)))
     # (The owner's own log-in before was no guess: it is not one of the 100.)
     assert sorted(statuses) == [401] * 100 + [429] * 20
-    assert "Traceback" not in server.log(), server.log()
+    assert "Traceback" not in server.log(), faults(server.log())
 
 
 # Common passwords --------------------------------------------------------------------

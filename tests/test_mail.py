@@ -185,6 +185,7 @@ async def accounts(name: str) -> None:
         await Users.objects.create(email=email, password=stored_hash, is_verified=True)
 
 
+@pytest.mark.slow  # a timing comparison
 async def test_new_and_taken_sign_ups_take_the_same_time(
     client: httpx.AsyncClient,
 ) -> None:
@@ -200,10 +201,11 @@ async def test_new_and_taken_sign_ups_take_the_same_time(
     )
 
 
-async def test_an_unverified_log_in_gets_the_wrong_passwords_401_in_the_same_time(
-    client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(throttle, "LOG_IN_ATTEMPTS", 1000)  # none refused
+async def unverified_and_wrong_log_ins(
+    client: httpx.AsyncClient, sign_up: SignUp
+) -> tuple[httpx.Response, httpx.Response]:
+    """A log-in to an account whose address is not proven yet, and one with a wrong
+    password to an account whose address is."""
     await sign_up("ann@example.com")
     body = {"email": "new@example.com", "password": PASSWORD}
     assert (await client.post(USERS, json=body)).status_code == 202
@@ -211,8 +213,24 @@ async def test_an_unverified_log_in_gets_the_wrong_passwords_401_in_the_same_tim
     wrong = await client.post(
         TOKEN, data=form("ann@example.com", a_password("wrong-password"))
     )
+    return unverified, wrong
+
+
+async def test_an_unverified_log_in_gets_the_wrong_passwords_401(
+    client: httpx.AsyncClient, sign_up: SignUp
+) -> None:
+    unverified, wrong = await unverified_and_wrong_log_ins(client, sign_up)
     assert answer(unverified) == answer(wrong)
     assert unverified.status_code == 401
+
+
+@pytest.mark.slow  # a timing comparison
+async def test_an_unverified_log_in_gets_the_wrong_passwords_401_in_the_same_time(
+    client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(throttle, "LOG_IN_ATTEMPTS", 1000)  # none refused
+    unverified, wrong = await unverified_and_wrong_log_ins(client, sign_up)
+    assert answer(unverified) == answer(wrong)
 
     async def log_in_unverified(i: int) -> None:
         await client.post(TOKEN, data=form("new@example.com"))
@@ -243,6 +261,7 @@ async def test_a_reset_answers_alike_for_every_address_and_mails_only_an_account
     assert MAILBOX.to("nobody@example.com") == []
 
 
+@pytest.mark.slow  # a timing comparison
 async def test_known_and_unknown_resets_take_the_same_time(
     client: httpx.AsyncClient,
 ) -> None:
@@ -258,6 +277,7 @@ async def test_known_and_unknown_resets_take_the_same_time(
     )
 
 
+@pytest.mark.slow  # a timing comparison
 async def test_an_email_change_to_a_taken_address_takes_the_same_time(
     client: httpx.AsyncClient, ann: LoggedIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:

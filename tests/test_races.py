@@ -39,6 +39,7 @@ from support import (
     SignUp,
     StartServer,
     a_password,
+    faults,
     loopback,
     server_client_at,
 )
@@ -399,7 +400,7 @@ def one_hashing_thread(
     threads = {"PASSWORD_HASHING_THREADS": "1"}
     with start_server(migrated_url, env=threads) as server:
         yield server
-        assert "Traceback" not in server.log()
+        assert "Traceback" not in server.log(), faults(server.log())
 
 
 async def accounts_with_sessions(
