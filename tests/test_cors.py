@@ -1,5 +1,7 @@
 """Browser front ends: the origins in CORS_ORIGINS may call the API with a bearer token."""
 
+import re
+
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -57,6 +59,18 @@ async def test_listed_origins_call_the_in_process_api_with_a_bearer_token(
         me = await client.get("/users/me", headers={"Origin": FRONT_END, **ann.headers})
         assert me.json()["email"] == "ann@example.com"
         assert me.headers["access-control-allow-origin"] == FRONT_END
+
+
+@pytest.mark.parametrize(
+    "origins", ["*", "https://app.example.com/path", "app.example.com"]
+)
+def test_a_cors_origins_value_that_is_no_origin_stops_main_at_import(
+    origins: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(
+        ValueError, match=re.escape(f"CORS_ORIGINS: {origins!r} is not")
+    ):
+        app_with(monkeypatch, CORS_ORIGINS=origins)
 
 
 @pytest.mark.slow
