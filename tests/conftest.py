@@ -116,6 +116,7 @@ def drop_database(name: str) -> None:
 
 
 POSTGRESQL = make_url(TEST_DATABASE_URL).get_backend_name() == "postgresql"
+SQLITE_TEMPLATE = Path(temporary_directory.name) / "migrated.sqlite"
 
 
 @pytest.fixture(scope="session")
@@ -138,6 +139,8 @@ def migrated_database() -> Iterator[None]:
         new_database(name)
     try:
         command.upgrade(alembic_config(), "head")
+        if not POSTGRESQL:  # template_url's, before any test writes (no process)
+            shutil.copy(name, SQLITE_TEMPLATE)
         yield
     finally:
         if own:
@@ -289,12 +292,11 @@ def migrate_fixture() -> Callable[[str], None]:
 
 
 @pytest.fixture(scope="session")
-def template_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A database migrated by `alembic upgrade head` once, to copy for each test."""
+def template_url() -> Iterator[str]:
+    """A database migrated by `alembic upgrade head` once, to copy for each test: on
+    SQLite, the worker's test database as migrated_database left it, copied."""
     if not POSTGRESQL:
-        path = tmp_path_factory.mktemp("template") / "migrated.sqlite"
-        migrate(sqlite_url(path))
-        yield str(path)
+        yield str(SQLITE_TEMPLATE)
         return
     name = f"{make_url(TEST_DATABASE_URL).database}_template"
     try:

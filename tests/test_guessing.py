@@ -466,3 +466,31 @@ async def test_cors_origins_with_a_port_start_the_app(server: Server) -> None:
             assert response.headers.get("access-control-allow-origin") == (
                 origin if allowed else None
             )
+
+
+@on_the_server
+def test_a_listed_origin_calls_the_api_with_a_bearer_token(server: Server) -> None:
+    front_end = FRONT_ENDS.split(",")[0]
+    preflight = {
+        "Access-Control-Request-Method": "PATCH",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+        allowed = client.options(ME, headers={"Origin": front_end, **preflight})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == front_end
+        assert "PATCH" in allowed.headers["access-control-allow-methods"]
+        assert "Authorization" in allowed.headers["access-control-allow-headers"]
+
+        evil = {"Origin": "https://evil.example", **preflight}
+        other = client.options(ME, headers=evil)
+        assert other.status_code == 400
+        assert "access-control-allow-origin" not in other.headers
+
+        sign_up_with(client, "cors@example.com")
+        answer = client.post(TOKEN, data=form("cors@example.com", PASSWORD))
+        token = answer.json()["access_token"]
+        headers = {"Origin": front_end, "Authorization": f"Bearer {token}"}
+        me = client.get(ME, headers=headers)
+        assert me.json()["email"] == "cors@example.com"
+        assert me.headers["access-control-allow-origin"] == front_end
