@@ -1,5 +1,5 @@
 """What the tests share besides fixtures: constants, helpers that need no fixture (for
-clients of real servers), and the types of conftest's fixtures (the fixtures themselves
+clients of real servers), and the types of the fixtures in tests/harness.py (the fixtures themselves
 come as test arguments, never as imports)."""
 
 import email

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 import pytest
-from conftest import copy_of, running_server
+from harness import copy_of, running_server
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait

@@ -1,7 +1,7 @@
 """Mail and the links in it: sign-up proves the address, password reset, email change,
 the mail caps, and what a stranger learns (nothing: the same answers in the same time).
 
-Every message goes to a real SMTP server (aiosmtpd, conftest's smtp_server) or, as
+Every message goes to a real SMTP server (aiosmtpd, smtp_server in tests/harness.py) or, as
 without SMTP_URL, to the log; none is stubbed out.
 """
 
@@ -90,24 +90,25 @@ Timed = Callable[[int], Awaitable[str | None]]
 
 
 async def time_ratio(first: Timed, second: Timed, numbers: range) -> float:
-    """Seconds of `first(i)` over those of `second(i)` for each i in `numbers`, taken
-    in turns (which goes first alternates), so that a busy moment of the machine
-    falls on both; the lower quartile of each, which other work moves least.
+    """The median over each i in `numbers` of the seconds of `first(i)` over those of
+    `second(i)`, the two taken back to back (which goes first alternates), so that a
+    busy moment of the machine falls on both of a pair.
 
     In-process, a request's time includes its background task (the look-up). Each
     returns the address it mails, if any: its mail is waited for before the next, so
     that the sending, which no request waits for, falls on neither."""
-    seconds: tuple[list[float], list[float]] = ([], [])
+    ratios = []
     for i in numbers:
         order = [(0, first), (1, second)][:: 1 if i % 2 else -1]
+        seconds = [0.0, 0.0]
         for kind, request in order:
             started = time.perf_counter()
             mailed = await request(i)
-            seconds[kind].append(time.perf_counter() - started)
+            seconds[kind] = time.perf_counter() - started
             if mailed:
                 await MAILBOX.arrived(mailed, 1)
-    first_time, second_time = (statistics.quantiles(s)[0] for s in seconds)
-    return first_time / second_time
+        ratios.append(seconds[0] / seconds[1])
+    return statistics.median(ratios)
 
 
 async def assert_same_time(first: Timed, second: Timed) -> None:
