@@ -381,11 +381,10 @@ async def test_parallel_sign_ups_with_one_email_make_one_account(
         "Confirm your email address",
         "Someone tried to sign up with your address",
     )
-    with anyio.fail_after(30):
-        while link not in subjects() or (
-            subjects().count(notice) < links.MAILS_PER_KIND - 1
-        ):
-            await anyio.sleep(0.01)
+    deadline = time.monotonic() + 30
+    while link not in subjects() or subjects().count(notice) < links.MAILS_PER_KIND - 1:
+        assert time.monotonic() < deadline, subjects()
+        await anyio.sleep(0.01)
     assert subjects().count(link) == 1, subjects()
     notices = subjects().count(notice)
     assert links.MAILS_PER_KIND - 1 <= notices <= links.MAILS_PER_KIND, subjects()
