@@ -1,5 +1,5 @@
 """What the tests share besides fixtures: constants, helpers that need no fixture (for
-clients of real servers), and the types of conftest's fixtures (the fixtures themselves
+clients of real servers), and the types of the fixtures in tests/harness.py (the fixtures themselves
 come as test arguments, never as imports)."""
 
 import email
@@ -217,9 +217,32 @@ class Server:
     database_url: str
     log_path: Path
 
-    def log(self) -> str:
-        """Everything the process printed: uvicorn's access log and the app's errors."""
-        return self.log_path.read_text(errors="replace")
+    def log(self, since: int = 0) -> str:
+        """What the process printed (uvicorn's access log and the app's errors), from
+        `since`, a `log_size()` taken before: a test's own lines on a shared server."""
+        with self.log_path.open("rb") as log:
+            log.seek(since)
+            return log.read().decode(errors="replace")
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+
+def faults(log: str) -> list[str]:
+    """The lines of a server's log that show a fault, for a failure message of a few
+    lines: each 500, and each traceback's last frame and exception."""
+    found, frame, in_traceback = [], "", False
+    for line in log.splitlines():
+        if line.startswith("Traceback"):
+            in_traceback = True
+        elif in_traceback and line.lstrip().startswith("File "):
+            frame = line
+        elif in_traceback and not line.startswith(" "):
+            found += [frame, line]
+            in_traceback = False
+        elif '" 500' in line or "Exception in ASGI application" in line:
+            found.append(line)
+    return found
 
 
 class StartServer(Protocol):

@@ -4,7 +4,7 @@ account is still what was checked. Every race is run many times in one test.
 A request's window is the password hash (~0.1 s as deployed) between reading the
 account and writing: `hold` keeps a request in it, right after its password check,
 until the test has done what the other request does, so that each try meets the race.
-That needs no slow hash: the in-process tests hash cheaply (conftest's cheap_hashing).
+That needs no slow hash: the in-process tests hash cheaply (cheap_hashing in tests/harness.py).
 """
 
 import functools
@@ -40,6 +40,7 @@ from support import (
     SignUp,
     StartServer,
     a_password,
+    faults,
     loopback,
     server_client_at,
 )
@@ -400,7 +401,7 @@ def one_hashing_thread(
     threads = {"PASSWORD_HASHING_THREADS": "1"}
     with start_server(migrated_url, env=threads) as server:
         yield server
-        assert "Traceback" not in server.log()
+        assert "Traceback" not in server.log(), faults(server.log())
 
 
 async def accounts_with_sessions(

@@ -21,8 +21,8 @@ import anyio
 import httpx
 import pytest
 import sqlalchemy
-from conftest import copy_of, running_server
 from fastapi import HTTPException, Request
+from harness import copy_of, running_server
 
 import main
 from accounts import passwords, throttle
