@@ -1,5 +1,6 @@
 """Password guessing and hostile clients: the log-in throttle per account and client
-address, the per-address share of the hashing queue, and the server's own limits.
+address, the per-address share of the hashing queue, and the server's own limits; two
+workers (`uvicorn --workers 2`) serving the API on one database.
 
 Where addresses, workers or uvicorn matter, through real `uvicorn main:app` processes
 started with the options the README gives; clients send from other loopback
@@ -15,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -39,6 +41,8 @@ from support import (
     StartServer,
     a_password,
     common_passwords,
+    log_in_on,
+    loopback,
     server_client_at,
     sign_up_on,
 )
@@ -486,28 +490,112 @@ async def test_the_owner_logs_in_from_another_address_while_one_is_throttled(
     assert statuses == [401] * LIMIT + [429]
 
 
+@pytest.fixture(scope="module")
+def workers(
+    server: Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """Two workers (`pipenv run serve --workers 2`) on the module server's database,
+    which plays a second machine: started once for the tests below that need them."""
+    directory = tmp_path_factory.mktemp("workers")
+    with running_server(
+        server.database_url,
+        directory / "server.log",
+        *SERVE_OPTIONS,
+        "--workers",
+        "2",
+    ) as workers:
+        yield workers
+
+
 @pytest.mark.slow
 @on_the_module_server
 async def test_two_workers_and_another_machine_enforce_one_bound(
-    server: Server, start_server: StartServer
+    server: Server, workers: Server
 ) -> None:
-    # The module's server plays a second machine on the same database.
-    with start_server(server.database_url, *SERVE_OPTIONS, "--workers", "2") as workers:
-        async with server_client_at(workers.url, "127.0.0.4") as client:
-            await sign_up_on(client, "bea@example.com")
-        statuses: list[int] = []
+    async with server_client_at(workers.url, "127.0.0.4") as client:
+        await sign_up_on(client, "bea@example.com")
+    statuses: list[int] = []
 
-        async def guess(url: str) -> None:
-            # A connection per guess, so that both workers take some.
-            async with server_client_at(url, "127.0.0.4", timeout=30) as client:
-                response = await client.post(TOKEN, data=form("bea@example.com"))
-                statuses.append(response.status_code)
+    async def guess(url: str) -> None:
+        # A connection per guess, so that both workers take some.
+        async with server_client_at(url, "127.0.0.4", timeout=30) as client:
+            response = await client.post(TOKEN, data=form("bea@example.com"))
+            statuses.append(response.status_code)
 
-        for url in (workers.url, workers.url, server.url, server.url):
-            async with anyio.create_task_group() as tasks:
-                for _ in range(4):  # within the address's share of each process
-                    tasks.start_soon(guess, url)
+    for url in (workers.url, workers.url, server.url, server.url):
+        async with anyio.create_task_group() as tasks:
+            for _ in range(4):  # within the address's share of each process
+                tasks.start_soon(guess, url)
     assert sorted(statuses) == [401] * LIMIT + [429] * (16 - LIMIT)
+
+
+USERS = 8  # 16 argon2 hashes at full strength, ~2.5 s of CPU
+NO_KEEP_ALIVE = httpx.Limits(max_keepalive_connections=0)
+
+
+def worker_cpu_seconds(server: Server) -> list[float]:
+    """CPU time so far of each process the server started (its workers)."""
+    pid = server.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    times = []
+    for child in children:
+        fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        times.append((int(fields[11]) + int(fields[12])) / 100)  # utime + stime
+    return times
+
+
+def busy_workers(server: Server, before: list[float]) -> int:
+    """How many of the server's processes have spent CPU since `before`: 20 ms, some
+    tens of reads."""
+    after = worker_cpu_seconds(server)  # the same processes: none was restarted
+    return sum(end - start > 0.02 for start, end in zip(before, after, strict=True))
+
+
+@pytest.mark.slow
+@on_the_module_server
+async def test_two_workers_serve_the_api_on_one_database(workers: Server) -> None:
+    server = workers
+    sessions: dict[str, dict[str, str]] = {}
+
+    # Hashing is slow on purpose: they queue for a while on two cores. A connection
+    # per request, so that a user's requests go to either worker (the first to accept);
+    # each user from an address of their own (none the tests above use), so that none
+    # meets its share of the queue.
+    async def sign_up_and_log_in(i: int) -> None:
+        async with server_client_at(
+            server.url, loopback(20 + i), timeout=60, limits=NO_KEEP_ALIVE
+        ) as client:
+            email = f"user{i}@example.com"
+            await sign_up_on(client, email)
+            sessions[email] = await log_in_on(client, email)
+
+    async with anyio.create_task_group() as tasks:
+        for i in range(USERS):
+            tasks.start_soon(sign_up_and_log_in, i)
+
+    # Every token works on whichever worker takes the request. Which one does is the
+    # kernel's choice: read in bursts until both have served (one rarely takes all).
+    before = worker_cpu_seconds(server)
+    ids: set[int] = set()
+    async with httpx.AsyncClient(
+        base_url=server.url, timeout=60, limits=NO_KEEP_ALIVE
+    ) as client:
+
+        async def read_me(email: str) -> None:
+            me = await client.get("/users/me", headers=sessions[email])
+            assert me.status_code == 200
+            assert me.json()["email"] == email
+            ids.add(me.json()["id"])
+
+        for _ in range(20):
+            async with anyio.create_task_group() as tasks:
+                for email in sessions:
+                    for _ in range(4):
+                        tasks.start_soon(read_me, email)
+            if busy_workers(server, before) >= 2:
+                break
+    assert len(ids) == USERS  # as many accounts, none given another's id
+    assert busy_workers(server, before) >= 2, worker_cpu_seconds(server)
 
 
 async def send_until(
