@@ -38,21 +38,11 @@ def unavailable(detail: str = "Service unavailable") -> HTTPException:
     )
 
 
-# What a 422 says of a value sent that the database refused to store.
-OUT_OF_RANGE = "A number out of the range the database can store"
-UNSTORABLE = "A value the database cannot store, such as a NUL character"
-OUT_OF_RANGE_ERROR = {"type": "out_of_range", "loc": [], "msg": OUT_OF_RANGE}
-UNSTORABLE_ERROR = {"type": "unstorable", "loc": [], "msg": UNSTORABLE}
-
-
 def public_error(error: Mapping[str, Any]) -> dict[str, Any]:
-    """Which field and what kind of error, never the value sent: it may be a password.
-
-    Where pydantic's message ends with a sub-error's text (an email's reason, a JSON
-    parser's complaint), which may quote the value, only the part before it is kept.
-    """
+    """The field and kind of an error, never the value sent: it may be a password."""
     message = error["msg"]
     context = error.get("ctx") or {}
+    # A sub-error's text ending the message (an email's reason) may quote the value.
     for quoted in (str(context[key]) for key in ("reason", "error") if key in context):
         message = message.split(quoted)[0].rstrip(" ,:")
     return {"type": error["type"], "loc": error["loc"], "msg": message}
@@ -63,40 +53,33 @@ async def validation_failed(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
-def as_integer(value: object) -> int | None:
-    """The integer that a value sent stands for, as pydantic reads one ("12", 12.0)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    if isinstance(value, int | str):
+# What a 422 says of a value sent that the database refused to store.
+OUT_OF_RANGE = "A number out of the range the database can store"
+UNSTORABLE = "A value the database cannot store, such as a NUL character"
+
+
+def wider_than(bits: int, value: object) -> bool:
+    """Whether a value sent is an integer past `bits` (signed), read as pydantic reads
+    one ("12", 12.0)."""
+    if isinstance(value, str) or (isinstance(value, float) and value.is_integer()):
         with contextlib.suppress(ValueError):
-            return int(value)
-    return None
-
-
-def wider_than(bits: int) -> Callable[[object], bool]:
-    """Whether a value sent is an integer that needs more than `bits` (signed)."""
+            value = int(value)
     limit = 2 ** (bits - 1)
-
-    def wider(value: object) -> bool:
-        number = as_integer(value)
-        return number is not None and not -limit <= number < limit
-
-    return wider
+    return type(value) is int and not -limit <= value < limit  # a bool is no number
 
 
 def has_nul(value: object) -> bool:
     return isinstance(value, str) and "\x00" in value
 
 
-# The error a 422 gives for a value that the model or the database refused (its loc:
-# the model's field where known), and how to tell that value among the ones sent.
+# A 422's error for a value refused (its loc: the model's field where known), and how
+# to tell that value among the ones sent.
 Refusal = tuple[dict[str, Any], Callable[[object], bool]]
 
 
 class Refused(Exception):
-    """A value that SQLite would store and PostgreSQL refuses (args: a Refusal)."""
+    """A value SQLite would store and PostgreSQL refuses (args: its column's bits, or
+    0 for a NUL character)."""
 
 
 # PostgreSQL's integer types, in bits, by the models' column types.
@@ -105,24 +88,22 @@ INTEGER_BITS = {"small_integer": 16, "integer": 32, "big_integer": 64}
 
 @sqlalchemy.event.listens_for(sqlalchemy.Engine, "before_cursor_execute", named=True)
 def refuse_as_postgresql(context: Any, **_: Any) -> None:
-    """On SQLite, refuse the writes that PostgreSQL refuses (an integer past its
-    column's type, a NUL character in text): the default database answers what
-    production will. Reads pass as they are."""
+    """On SQLite, refuse the writes that PostgreSQL refuses: the default database
+    answers what production will. Reads pass as they are."""
     if context.dialect.name != "sqlite" or not (context.isinsert or context.isupdate):
         return
     for values in context.compiled_parameters:
         for name, value in values.items():
+            bits = INTEGER_BITS.get(context.compiled.binds[name].type.__visit_name__)
             if has_nul(value):
-                raise Refused(UNSTORABLE_ERROR, has_nul)
-            column = context.compiled.binds[name].type
-            bits = INTEGER_BITS.get(column.__visit_name__, 0)
-            if bits and wider_than(bits)(value):
-                raise Refused(OUT_OF_RANGE_ERROR, wider_than(bits))
+                raise Refused(0)
+            if bits and wider_than(bits, value):
+                raise Refused(bits)
 
 
 def refusals(error: Exception) -> list[Refusal]:
-    """What the model or the database refused, if the error is that it refused values
-    sent (nothing was written); none otherwise."""
+    """What the model or the database refused of the values sent (nothing was written);
+    none for any other error."""
     frames = traceback.walk_tb(error.__traceback__)
     if isinstance(error, ValidationError) and any(  # ormar validates what it writes
         frame.f_globals.get("__name__", "").startswith("ormar.") for frame, _ in frames
@@ -130,17 +111,21 @@ def refusals(error: Exception) -> list[Refusal]:
         return [
             (public_error(e), partial(operator.eq, e["input"])) for e in error.errors()
         ]
-    if isinstance(error, Refused):
-        return [error.args]
     text = str(getattr(error, "orig", error))
-    if isinstance(error, OverflowError) and "SQLite" in text:  # sqlite3: past 64 bits
-        return [(OUT_OF_RANGE_ERROR, wider_than(64))]
-    # PostgreSQL's data exceptions (SQLite stores these values).
-    if not str(getattr(getattr(error, "orig", None), "sqlstate", "")).startswith("22"):
+    if isinstance(error, Refused):
+        bits = error.args[0]
+    elif isinstance(error, OverflowError) and "SQLite" in text:  # sqlite3: past 64 bits
+        bits = 64
+    elif str(getattr(getattr(error, "orig", None), "sqlstate", "")).startswith("22"):
+        # PostgreSQL's data exceptions (SQLite stores these values).
+        found = re.search(r"out of int(\d+) range", text)  # asyncpg, before sending
+        bits = int(found[1]) if found else 0
+    else:
         return []
-    if bits := re.search(r"out of int(\d+) range", text):  # asyncpg, before sending
-        return [(OUT_OF_RANGE_ERROR, wider_than(int(bits[1])))]
-    return [(UNSTORABLE_ERROR, has_nul)]
+    if bits:
+        answer = {"type": "out_of_range", "loc": [], "msg": OUT_OF_RANGE}
+        return [(answer, partial(wider_than, bits))]
+    return [({"type": "unstorable", "loc": [], "msg": UNSTORABLE}, has_nul)]
 
 
 def lacks_what_models_have(error: Exception) -> bool:
@@ -155,10 +140,7 @@ def lacks_what_models_have(error: Exception) -> bool:
 
 
 async def sent_values(request: Request) -> list[tuple[list[str | int], object]]:
-    """Every value of the request's path, query and JSON or form body, with its loc.
-
-    Read only when a value was refused: the normal path pays nothing for it.
-    """
+    """Every value of the request's path, query and JSON or form body, with its loc."""
     found: list[tuple[list[str | int], object]] = []
     found += [(["path", name], value) for name, value in request.path_params.items()]
     found += [
@@ -174,7 +156,7 @@ async def sent_values(request: Request) -> list[tuple[list[str | int], object]]:
     except (ValueError, RuntimeError, ClientDisconnect, StarletteHTTPException):
         pass  # no JSON, or no longer readable: nothing more to point at
     sent = []
-    while found:  # JSON's objects and arrays opened, without recursion: any depth
+    while found:  # JSON's objects and arrays opened without recursion: any depth
         loc, value = found.pop()
         if isinstance(value, dict):
             found += [([*loc, key], item) for key, item in value.items()]
@@ -197,13 +179,10 @@ DATABASE_FAULTS = (
 
 
 async def database_error(request: Request, error: Exception) -> Response:
-    """503 while the database cannot serve: the client may retry, nothing is lost.
-
-    422 for a value sent that the model or the database refuses (too long, null, out
-    of range, NUL), with the `loc` of each such value sent; other errors are bugs (500).
-    """
+    """422 for values sent that the model or the database refuses, with each one's
+    `loc`; 503 while the database cannot serve (nothing is lost); a bug's 500 else."""
     if refused := refusals(error):
-        sent = await sent_values(request)
+        sent = await sent_values(request)  # read only now: the normal path pays nothing
         detail = []
         for answer, test in refused:
             field = list(answer["loc"])  # [] or the model's field, [name]
@@ -221,16 +200,15 @@ async def database_error(request: Request, error: Exception) -> Response:
             error.add_note(f"{note} {MAKEMIGRATIONS}")
             logger.error("%s %s", note, MAKEMIGRATIONS)
         raise error  # a 500, its traceback (ending with the note) in the log
-    # A killed connection (a restart, a failover) comes as any DBAPIError that
-    # SQLAlchemy marks invalidated; a locked or missing SQLite file as OperationalError.
+    # A killed connection is any DBAPIError marked invalidated; a locked or missing
+    # SQLite file, an OperationalError.
     outage = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
     lost = getattr(error, "connection_invalidated", False)
     if isinstance(error, sqlalchemy.exc.DBAPIError) and not (
         isinstance(error, outage) or lost
     ):
         raise error  # a bug, not an outage: a 500 with its traceback in the log
-    # Operators read the cause in the log; clients learn only when to retry.
-    logger.error("database unavailable: %s", error)
+    logger.error("database unavailable: %s", error)  # clients learn only when to retry
     return await http_exception_handler(request, unavailable())
 
 
@@ -240,10 +218,9 @@ async def internal_error(request: Request, error: Exception) -> Response:
 
 
 def openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, plus the answers routes share, declared here once: 500 and
-    503 on every route, 400 and 413 where a body is read, 401 where a token is
-    (`CurrentUser`); every error but a 422 shaped `{"detail": "..."}`. A route
-    declares only its own."""
+    """FastAPI's document plus the answers routes share, declared once: 500 and 503 on
+    every route, 400 and 413 where a body is read, 401 where a token is; each error but
+    a 422 is `{"detail": "..."}`."""
     if app.openapi_schema:
         return app.openapi_schema
     document = FastAPI.openapi(app)
