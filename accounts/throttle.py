@@ -1,6 +1,6 @@
-"""Who may try how often: a share of the hashing queue per client address, and the
-password throttle per account (per address, per device, and in all), counted in the
-database so that one bound holds for every worker and machine."""
+"""Who may try how often: a share of the hashing queue per client address, and counts
+of attempts (per account, address, device, and in all) kept in the database, so that
+one bound holds for every worker and machine."""
 
 import hashlib
 import ipaddress
@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from accounts import passwords
 from accounts.models import Devices, LogInAttempts
 from accounts.passwords import hashing_limiter
+from core.errors import unavailable
 from core.settings import settings
 from db import Users, database
 
@@ -62,11 +63,8 @@ def trusted(host: str) -> bool:
 
 async def client_address(request: Request) -> str:
     """What a client is counted as: its IPv4 address, its IPv6 /64 (one machine may
-    have all of it), or "unparsable", one client for every such value.
-
-    The address is the connection's own, unless that is a trusted proxy's: then the
-    nearest address in X-Forwarded-For that no trusted proxy added.
-    """
+    have all of it), or "unparsable" for all others. Behind trusted proxies, the
+    nearest address in X-Forwarded-For that none of them added."""
     host = request.client.host if request.client else ""
     if trusted(host):
         hops = ",".join(request.headers.getlist("x-forwarded-for")).split(",")
@@ -97,16 +95,11 @@ async def in_hashing_thread(
 ) -> T:
     """Run a password hash or check on a hashing thread, after `first` if given.
 
-    503 when the queue is full; 429 when the client's address holds its share of it,
-    before `first` runs: a flood from one address writes nothing and keeps no one else
-    waiting for long.
+    503 when the queue is full; 429, before `first` runs, when the client's address
+    holds its share of it: a flood from one address keeps no one else waiting long.
     """
     if hashing_limiter.statistics().tasks_waiting >= settings.PASSWORD_HASHING_QUEUE:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "Too many sign-ups and log-ins at once; retry shortly",
-            headers={"Retry-After": "1"},
-        )
+        raise unavailable("Too many sign-ups and log-ins at once; retry shortly")
     if hashing_places[client] >= settings.PASSWORD_HASHING_SHARE:
         await anyio.sleep(REFUSAL_PAUSE)
         raise too_many_requests("Too many sign-ups and log-ins from your address")
@@ -121,9 +114,9 @@ async def in_hashing_thread(
             del hashing_places[client]
 
 
-def log_in_key(*parts: str) -> str:
-    """What password checks are counted by, such as the client and the account as
-    typed (so no email is stored, and unknown ones count alike), digested."""
+def log_in_key(*parts: str | int) -> str:
+    """The digest of `parts` (a client, an account as typed...): what a count, or a
+    device, is stored as, so that no email is."""
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -131,11 +124,10 @@ async def count_attempt(
     key: str, limit: int, period: timedelta | None = None
 ) -> tuple[bool, datetime]:
     """Count an attempt on `key`: whether it is within `limit`, and when the last one
-    let through was. Counts end a `period` (LOG_IN_PERIOD) after that.
+    let through was. A count ends a `period` (LOG_IN_PERIOD) after that.
 
     One statement counts and reads the count, so concurrent attempts cannot pass the
-    bound together. A refused attempt does not move the time on: the count ends a
-    period after the last one let through. Deletes counts whose period is over first.
+    bound together; a refused attempt does not move the time on.
     """
     table = LogInAttempts.ormar_config.table
     now = datetime.now(UTC)
@@ -153,7 +145,7 @@ async def count_attempt(
         ),
     }
     upsert = upsert.on_conflict_do_update(index_elements=[table.c.digest], set_=changes)
-    # Over whatever its period: the longest is over (indexed, a few rows each time).
+    # Counts over whatever their period: the longest is over (indexed, a few rows).
     ended = table.c.last_attempt_at <= now - max(settings.LOG_IN_PERIOD, CLIENT_PERIOD)
     async with database.get_query_executor() as executor:
         await executor.execute(table.delete().where(ended))
@@ -169,8 +161,7 @@ async def count_log_in(
     period: timedelta | None = None,
     detail: str = "Too many log-ins for this account; retry later",
 ) -> None:
-    """Count a password check (or another request) on `key` before it is made; 429
-    past `limit` within `period` (LOG_IN_PERIOD)."""
+    """count_attempt, with a 429 past `limit`."""
     allowed, last = await count_attempt(key, limit, period)
     if not allowed:
         wait = last + (period or settings.LOG_IN_PERIOD) - datetime.now(UTC)
@@ -186,7 +177,6 @@ async def count_request(kind: str, client: str) -> None:
 
 
 async def device_cookie(request: Request) -> str | None:
-    """The request's device cookie, if it sent one."""
     return request.cookies.get(DEVICE_COOKIE) or None
 
 
@@ -194,17 +184,16 @@ DeviceCookie = Annotated[str | None, Depends(device_cookie)]
 
 
 def device_digest(cookie: str, user_id: int) -> str:
-    """What is stored for a client's device on one account. One cookie serves every
-    account the client logs in to, and the table does not tell which share a client."""
-    return hashlib.sha256(json.dumps([cookie, user_id]).encode()).hexdigest()
+    """A client's device on one account (one cookie serves every account the client
+    logs in to, and the table does not tell which share a client)."""
+    return log_in_key(cookie, user_id)
 
 
 async def known_device(cookie: str | None, user: Users | None) -> str | None:
     """The digest of the client's device on the user's account, if it is one."""
     if cookie is None:
         return None
-    # Looked up for any email (an unknown one as id 0, which no account has), so
-    # that it takes as long for every email.
+    # Looked up for an unknown email too (as id 0, no account's), to take as long.
     digest = device_digest(cookie, user.id if user else 0)
     found = await Devices.objects.filter(digest=digest).exists()
     return digest if found and user is not None else None
@@ -212,8 +201,7 @@ async def known_device(cookie: str | None, user: Users | None) -> str | None:
 
 def new_device_cookie(request: Request, response: Response) -> str | None:
     """Give the client a device cookie of its own; its value. None to a page of
-    another site (a log-in CSRF): the browser withholds from it the cookie it has,
-    and would keep a new one in its place."""
+    another site (a log-in CSRF): the browser would keep its cookie from it."""
     if request.headers.get("sec-fetch-site") == "cross-site":
         return None
     value = secrets.token_urlsafe(32)
@@ -229,8 +217,8 @@ def new_device_cookie(request: Request, response: Response) -> str | None:
 
 
 async def add_device(request: Request, response: Response, user_id: int) -> None:
-    """Make the client a device of the account, as a log-in does (with a cookie of
-    its own if it has none): the browser that confirmed a reset is the owner's."""
+    """Make the client a device of the account, as a log-in does: the browser that
+    confirmed a reset is the owner's."""
     cookie = await device_cookie(request) or new_device_cookie(request, response)
     if cookie is not None:
         digest, now = device_digest(cookie, user_id), datetime.now(UTC)
@@ -240,14 +228,9 @@ async def add_device(request: Request, response: Response, user_id: int) -> None
 async def check_password(
     password: str, user: Users | None, account: str, client: str, cookie: str | None
 ) -> tuple[bool, str | None]:
-    """Verify a password for `account` (its `user`, or None when there is none), after
-    counting it; 429 past the bounds. What verify_password answers.
-
-    A client whose device cookie has logged in to the account before has an allowance
-    of its own. Any other is counted per address, and all of them together per
-    account: many addresses get no more than LOG_IN_ATTEMPTS_PER_ACCOUNT guesses, and
-    the owner's own device still logs in.
-    """
+    """verify_password for `account` (its `user`, or None), counted first; 429 past
+    the bounds. A device that has logged in to the account has an allowance of its
+    own; others are counted per address, and together per account."""
     known = await known_device(cookie, user)
     # Counted for the password the account has: a new one starts its counts afresh.
     stored_hash = user.password if user else passwords.DUMMY_HASH
