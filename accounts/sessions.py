@@ -14,9 +14,7 @@ from core.settings import settings
 from db import Users, database
 
 NOT_AUTHENTICATED = HTTPException(
-    status.HTTP_401_UNAUTHORIZED,
-    "Not authenticated",
-    headers={"WWW-Authenticate": "Bearer"},
+    status.HTTP_401_UNAUTHORIZED, "Not authenticated", {"WWW-Authenticate": "Bearer"}
 )
 # Answers a missing or non-Bearer Authorization header with the same 401 as above.
 bearer_token = OAuth2PasswordBearer(tokenUrl="auth/token")
@@ -67,13 +65,12 @@ CurrentUser = Annotated[Users, Depends(current_user)]
 async def start_session(
     user_id: int, verified_hash: str, digest: str, device: str | None = None
 ) -> bool:
-    """Store a session for the user if it is still active and verified, with the
-    password verified, and note the log-in of the client's device (its digest) if given.
+    """Store a session for the user, if still active and verified with the password
+    verified, and note the log-in of the client's `device` (its digest) if given.
 
-    The check is part of the INSERT, so an account deleted, deactivated or given a new
-    password since the check gets no session. Also ends expired sessions (everyone's)
-    and, past SESSIONS_PER_USER, this user's oldest sessions and the devices used
-    longest ago.
+    The check is part of the INSERT: an account deleted, deactivated or given a new
+    password since gets no session. Ends expired sessions (everyone's) and, past
+    SESSIONS_PER_USER, this user's oldest sessions and devices used longest ago.
     """
     users, tokens = Users.ormar_config.table, Tokens.ormar_config.table
     devices = Devices.ormar_config.table
@@ -98,28 +95,23 @@ async def start_session(
         .order_by(tokens.c.created_at.desc())
         .limit(settings.SESSIONS_PER_USER)
     )
+    ended = (tokens.c.expires_at <= now) | (
+        (tokens.c.user_id == user_id) & tokens.c.digest.not_in(newest)
+    )
     async with database.transaction(), database.connection() as connection:
         inserted = await connection.execute(
             tokens.insert().from_select(columns, account)
         )
         if inserted.rowcount != 1:
             return False
-        await connection.execute(tokens.delete().where(tokens.c.expires_at <= now))
-        await connection.execute(
-            tokens.delete().where(
-                tokens.c.user_id == user_id, tokens.c.digest.not_in(newest)
-            )
-        )
+        await connection.execute(tokens.delete().where(ended))
         if device is not None:
-            # New, or known: one statement, so that log-ins at once store it once.
+            # New, or known (used now): one statement, so log-ins at once store it once.
             dialect = postgresql if database.dialect.name == "postgresql" else sqlite
-            used = dialect.insert(devices).values(
-                digest=device, user_id=user_id, last_used_at=now
-            )
+            row = {"digest": device, "user_id": user_id, "last_used_at": now}
+            used = dialect.insert(devices).values(row)
             await connection.execute(
-                used.on_conflict_do_update(
-                    index_elements=[devices.c.digest], set_={"last_used_at": now}
-                )
+                used.on_conflict_do_update(index_elements=["digest"], set_=row)
             )
             recently_used = (
                 sqlalchemy.select(devices.c.digest)
