@@ -12,10 +12,8 @@ from core.settings import settings
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask, capped by a cgroup quota.
-
-    Not os.cpu_count(), which counts the host's CPUs inside a container.
-    """
+    """The CPUs this process may run on (os.cpu_count() counts a container's host's):
+    its affinity mask, capped by a cgroup quota."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -39,12 +37,8 @@ DUMMY_HASH = password_hash.hash(secrets.token_urlsafe())
 
 
 def encoded(password: str) -> bytes:
-    """The password as argon2 takes it: UTF-8, and any text at all.
-
-    A form whose charset is utf-7 or unicode_escape can carry lone surrogates, which
-    plain UTF-8 cannot encode; "surrogatepass" gives them bytes no other text has, and
-    is plain UTF-8 for all other text, so hashes made from `str` still verify.
-    """
+    """The password as UTF-8, even with lone surrogates (a form in utf-7 can carry
+    them): "surrogatepass" gives them bytes no other text has, and changes no other."""
     return password.encode("utf-8", "surrogatepass")
 
 
