@@ -52,8 +52,7 @@ CREDENTIALS = frozenset({"email", "password"})
 
 
 class UserUpdate(BaseModel):
-    """Leave a field out to keep its value; null clears an optional one. Fields besides
-    the credentials (a nickname, say) need no password."""
+    """Leave a field out to keep it; null clears an optional one."""
 
     model_config = ConfigDict(extra="forbid")  # `is_active` and typos are a 422
 

@@ -46,8 +46,7 @@ async def current_user(digest: PresentedDigest) -> Users:
     )
     # One SQLAlchemy Core query, on every request (tests/benchmark.md has the figures).
     if database.dialect.name == "sqlite":
-        # The engine is AUTOCOMMIT already (db.py): a plain connection spares the
-        # executor's switch to it and back, two trips to aiosqlite's thread.
+        # AUTOCOMMIT already (db.py): spares the executor's two trips to its thread.
         async with database.connection() as connection:
             row = (await connection.execute(query)).mappings().first()
     else:  # the AUTOCOMMIT executor spares asyncpg a BEGIN and a ROLLBACK
@@ -65,13 +64,9 @@ CurrentUser = Annotated[Users, Depends(current_user)]
 async def start_session(
     user_id: int, verified_hash: str, digest: str, device: str | None = None
 ) -> bool:
-    """Store a session for the user, if still active and verified with the password
-    verified, and note the log-in of the client's `device` (its digest) if given.
-
-    The check is part of the INSERT: an account deleted, deactivated or given a new
-    password since gets no session. Ends expired sessions (everyone's) and, past
-    SESSIONS_PER_USER, this user's oldest sessions and devices used longest ago.
-    """
+    """Store a session if the user is still active, verified and has the password
+    verified (a condition of the INSERT), and note the `device`'s log-in. Ends expired
+    sessions, and past SESSIONS_PER_USER the user's oldest sessions and devices."""
     users, tokens = Users.ormar_config.table, Tokens.ormar_config.table
     devices = Devices.ormar_config.table
     now = datetime.now(UTC)

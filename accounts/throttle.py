@@ -1,6 +1,5 @@
 """Who may try how often: a share of the hashing queue per client address, and counts
-of attempts (per account, address, device, and in all) kept in the database, so that
-one bound holds for every worker and machine."""
+of attempts kept in the database, so that one bound holds for every worker."""
 
 import hashlib
 import ipaddress
@@ -24,8 +23,7 @@ from core.errors import unavailable
 from core.settings import settings
 from db import Users, database
 
-# SIGN_UPS_AND_RESETS_PER_MINUTE's period.
-CLIENT_PERIOD = timedelta(minutes=1)
+CLIENT_PERIOD = timedelta(minutes=1)  # SIGN_UPS_AND_RESETS_PER_MINUTE's
 DEVICE_COOKIE = "device"
 # Seconds a 429 waits before it is sent: a client that ignores Retry-After then costs
 # one request a second per connection, not hundreds (tests/benchmark.md).
@@ -63,8 +61,7 @@ def trusted(host: str) -> bool:
 
 async def client_address(request: Request) -> str:
     """What a client is counted as: its IPv4 address, its IPv6 /64 (one machine may
-    have all of it), or "unparsable" for all others. Behind trusted proxies, the
-    nearest address in X-Forwarded-For that none of them added."""
+    have all of it), or "unparsable"; behind trusted proxies, from X-Forwarded-For."""
     host = request.client.host if request.client else ""
     if trusted(host):
         hops = ",".join(request.headers.getlist("x-forwarded-for")).split(",")
@@ -93,11 +90,8 @@ async def in_hashing_thread(
     *args: str,
     first: Callable[[], Awaitable[object]] | None = None,
 ) -> T:
-    """Run a password hash or check on a hashing thread, after `first` if given.
-
-    503 when the queue is full; 429, before `first` runs, when the client's address
-    holds its share of it: a flood from one address keeps no one else waiting long.
-    """
+    """Run a password hash or check on a hashing thread, after `first` if given; 503
+    when the queue is full, 429 (before `first`) when the address holds its share."""
     if hashing_limiter.statistics().tasks_waiting >= settings.PASSWORD_HASHING_QUEUE:
         raise unavailable("Too many sign-ups and log-ins at once; retry shortly")
     if hashing_places[client] >= settings.PASSWORD_HASHING_SHARE:
@@ -115,8 +109,7 @@ async def in_hashing_thread(
 
 
 def log_in_key(*parts: str | int) -> str:
-    """The digest of `parts` (a client, an account as typed...): what a count, or a
-    device, is stored as, so that no email is."""
+    """The digest that a count (of a client, an account as typed...) is stored as."""
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -124,11 +117,8 @@ async def count_attempt(
     key: str, limit: int, period: timedelta | None = None
 ) -> tuple[bool, datetime]:
     """Count an attempt on `key`: whether it is within `limit`, and when the last one
-    let through was. A count ends a `period` (LOG_IN_PERIOD) after that.
-
-    One statement counts and reads the count, so concurrent attempts cannot pass the
-    bound together; a refused attempt does not move the time on.
-    """
+    let through was; the count ends a `period` (LOG_IN_PERIOD) after it. One statement
+    counts and reads, so concurrent attempts cannot pass the bound together."""
     table = LogInAttempts.ormar_config.table
     now = datetime.now(UTC)
     over = table.c.last_attempt_at <= now - (period or settings.LOG_IN_PERIOD)
@@ -184,13 +174,11 @@ DeviceCookie = Annotated[str | None, Depends(device_cookie)]
 
 
 def device_digest(cookie: str, user_id: int) -> str:
-    """A client's device on one account (one cookie serves every account the client
-    logs in to, and the table does not tell which share a client)."""
+    # One cookie serves every account: the table does not tell which share a client.
     return log_in_key(cookie, user_id)
 
 
 async def known_device(cookie: str | None, user: Users | None) -> str | None:
-    """The digest of the client's device on the user's account, if it is one."""
     if cookie is None:
         return None
     # Looked up for an unknown email too (as id 0, no account's), to take as long.
@@ -200,8 +188,7 @@ async def known_device(cookie: str | None, user: Users | None) -> str | None:
 
 
 def new_device_cookie(request: Request, response: Response) -> str | None:
-    """Give the client a device cookie of its own; its value. None to a page of
-    another site (a log-in CSRF): the browser would keep its cookie from it."""
+    """A new device cookie's value; None to another site's page (a log-in CSRF)."""
     if request.headers.get("sec-fetch-site") == "cross-site":
         return None
     value = secrets.token_urlsafe(32)
@@ -217,8 +204,7 @@ def new_device_cookie(request: Request, response: Response) -> str | None:
 
 
 async def add_device(request: Request, response: Response, user_id: int) -> None:
-    """Make the client a device of the account, as a log-in does: the browser that
-    confirmed a reset is the owner's."""
+    """Make the client a device of the account (the browser that confirmed a reset)."""
     cookie = await device_cookie(request) or new_device_cookie(request, response)
     if cookie is not None:
         digest, now = device_digest(cookie, user_id), datetime.now(UTC)
@@ -228,9 +214,8 @@ async def add_device(request: Request, response: Response, user_id: int) -> None
 async def check_password(
     password: str, user: Users | None, account: str, client: str, cookie: str | None
 ) -> tuple[bool, str | None]:
-    """verify_password for `account` (its `user`, or None), counted first; 429 past
-    the bounds. A device that has logged in to the account has an allowance of its
-    own; others are counted per address, and together per account."""
+    """verify_password, counted first: per device that logged in to the account, or per
+    address and all together per account; 429 past the bounds."""
     known = await known_device(cookie, user)
     # Counted for the password the account has: a new one starts its counts afresh.
     stored_hash = user.password if user else passwords.DUMMY_HASH

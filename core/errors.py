@@ -59,8 +59,7 @@ UNSTORABLE = "A value the database cannot store, such as a NUL character"
 
 
 def wider_than(bits: int, value: object) -> bool:
-    """Whether a value sent is an integer past `bits` (signed), read as pydantic reads
-    one ("12", 12.0)."""
+    """Whether a value sent is an integer ("12", 12.0) past `bits`, signed."""
     if isinstance(value, str) or (isinstance(value, float) and value.is_integer()):
         with contextlib.suppress(ValueError):
             value = int(value)
@@ -78,8 +77,7 @@ Refusal = tuple[dict[str, Any], Callable[[object], bool]]
 
 
 class Refused(Exception):
-    """A value SQLite would store and PostgreSQL refuses (args: its column's bits, or
-    0 for a NUL character)."""
+    """A value that PostgreSQL refuses (args: its column's bits, or 0 for a NUL)."""
 
 
 # PostgreSQL's integer types, in bits, by the models' column types.
@@ -88,8 +86,7 @@ INTEGER_BITS = {"small_integer": 16, "integer": 32, "big_integer": 64}
 
 @sqlalchemy.event.listens_for(sqlalchemy.Engine, "before_cursor_execute", named=True)
 def refuse_as_postgresql(context: Any, **_: Any) -> None:
-    """On SQLite, refuse the writes that PostgreSQL refuses: the default database
-    answers what production will. Reads pass as they are."""
+    """On SQLite, refuse the writes PostgreSQL refuses: answer what production will."""
     if context.dialect.name != "sqlite" or not (context.isinsert or context.isupdate):
         return
     for values in context.compiled_parameters:
@@ -102,8 +99,7 @@ def refuse_as_postgresql(context: Any, **_: Any) -> None:
 
 
 def refusals(error: Exception) -> list[Refusal]:
-    """What the model or the database refused of the values sent (nothing was written);
-    none for any other error."""
+    """What the model or the database refused of the values sent, if that is the error."""
     frames = traceback.walk_tb(error.__traceback__)
     if isinstance(error, ValidationError) and any(  # ormar validates what it writes
         frame.f_globals.get("__name__", "").startswith("ormar.") for frame, _ in frames
@@ -142,10 +138,8 @@ def lacks_what_models_have(error: Exception) -> bool:
 async def sent_values(request: Request) -> list[tuple[list[str | int], object]]:
     """Every value of the request's path, query and JSON or form body, with its loc."""
     found: list[tuple[list[str | int], object]] = []
-    found += [(["path", name], value) for name, value in request.path_params.items()]
-    found += [
-        (["query", name], value) for name, value in request.query_params.multi_items()
-    ]
+    found += [(["path", k], v) for k, v in request.path_params.items()]
+    found += [(["query", k], v) for k, v in request.query_params.multi_items()]
     content_type = request.headers.get("content-type", "")
     try:  # read by the route already (the request keeps it), or read now
         if "json" in content_type:
@@ -179,8 +173,8 @@ DATABASE_FAULTS = (
 
 
 async def database_error(request: Request, error: Exception) -> Response:
-    """422 for values sent that the model or the database refuses, with each one's
-    `loc`; 503 while the database cannot serve (nothing is lost); a bug's 500 else."""
+    """422 for values refused, with each one's `loc`; 503 while the database cannot
+    serve; a bug's 500 otherwise."""
     if refused := refusals(error):
         sent = await sent_values(request)  # read only now: the normal path pays nothing
         detail = []
@@ -200,8 +194,7 @@ async def database_error(request: Request, error: Exception) -> Response:
             error.add_note(f"{note} {MAKEMIGRATIONS}")
             logger.error("%s %s", note, MAKEMIGRATIONS)
         raise error  # a 500, its traceback (ending with the note) in the log
-    # A killed connection is any DBAPIError marked invalidated; a locked or missing
-    # SQLite file, an OperationalError.
+    # Outages: a locked or missing SQLite file, a connection killed (invalidated).
     outage = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
     lost = getattr(error, "connection_invalidated", False)
     if isinstance(error, sqlalchemy.exc.DBAPIError) and not (
@@ -218,9 +211,8 @@ async def internal_error(request: Request, error: Exception) -> Response:
 
 
 def openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document plus the answers routes share, declared once: 500 and 503 on
-    every route, 400 and 413 where a body is read, 401 where a token is; each error but
-    a 422 is `{"detail": "..."}`."""
+    """FastAPI's document plus the answers that routes share, each error but a 422
+    shaped `{"detail": "..."}`."""
     if app.openapi_schema:
         return app.openapi_schema
     document = FastAPI.openapi(app)

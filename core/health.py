@@ -23,8 +23,7 @@ MIGRATIONS_HEAD = ScriptDirectory.from_config(
 
 
 def described(difference: Any) -> str | None:
-    """One of alembic's compare_metadata differences, in words; None for a table of
-    no model the app imports (migrations/env.py may import more), which it never uses."""
+    """An alembic difference in words; None for a table of no model (unused here)."""
     if isinstance(difference, list):  # a column's type, nullability or default
         _, _, table, column = difference[0][:4]
         changed = ", ".join(kind.removeprefix("modify_") for kind, *_ in difference)
@@ -52,14 +51,12 @@ def differences(connection: sqlalchemy.Connection) -> list[str]:
     return [difference for difference in found if difference]
 
 
-# How the models differ from the database at the head revision: compared once per
-# process (20-50 ms of CPU, tests/benchmark.md).
+# Compared once per process: 20-50 ms of CPU (tests/benchmark.md).
 differences_at_head: list[str] | None = None
 
 
 async def database_state() -> tuple[str | None, list[str]]:
-    """The database's revision and, if it is the head, how it differs from the models
-    (named in a warning in the log the first time)."""
+    """The database's revision and, at the head, how it differs from the models."""
     global differences_at_head
     async with database.connection() as connection:
         revision: str | None = await connection.scalar(
@@ -79,8 +76,7 @@ async def database_state() -> tuple[str | None, list[str]]:
 
 
 async def check_at_start() -> None:
-    """Warn in the log of a database behind the migrations or unlike the models; the
-    app starts all the same."""
+    """Warn of a database behind or unlike the models; the app starts all the same."""
     try:
         revision, _ = await database_state()
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as error:
@@ -97,8 +93,7 @@ async def check_at_start() -> None:
 
 @router.get("/health")
 async def health() -> dict[str, str]:
-    """Check that the database answers, is migrated to the newest revision, and has
-    the tables and columns that the models have."""
+    """Whether the database answers, is at the newest revision and like the models."""
     try:
         revision, differ = await database_state()
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as error:

@@ -18,8 +18,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# The async driver for each database: hosting platforms hand out the sync forms
-# (postgres://, postgresql://, sqlite:///), and the app and alembic need async ones.
+# Hosting platforms hand out sync URLs (postgres://); the app needs async drivers.
 POSTGRESQL, SQLITE = "postgresql+asyncpg", "sqlite+aiosqlite"
 ASYNC_DRIVERS = {"postgres": POSTGRESQL, "postgresql": POSTGRESQL, "sqlite": SQLITE}
 
@@ -48,8 +47,7 @@ def words(value: object) -> object:
 
 
 def origin(value: str) -> str:
-    """scheme://host[:port], as browsers send it; no wildcard, which would let any page
-    use its visitors' browsers as log-in guessers."""
+    """scheme://host[:port] as browsers send it ("*" lets any page guess log-ins)."""
     parts = urlsplit(value)
     parts.port  # noqa: B018  (raises ValueError for a port that is no number)
     if (

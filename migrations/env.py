@@ -14,8 +14,7 @@ from sqlalchemy import Table, event, pool
 from sqlalchemy.engine import Connection, Inspector
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-# Models kept in other modules must be imported here, so that autogenerate sees
-# their tables in the metadata (see tests/tutorial.md, step 7).
+# Import models kept in other modules: autogenerate sees only imported tables.
 import accounts.models  # noqa: F401  (the accounts' tables)
 from db import DATABASE_URL, BaseMeta
 
@@ -28,8 +27,7 @@ target_metadata = BaseMeta.metadata
 
 
 def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> Any:
-    """Import the module of a column type that is not SQLAlchemy's (ormar's UUID is
-    `ormar.fields.sqlalchemy_uuid.CHAR(32)`): the revision names it by its path."""
+    """Import the module of a column type not SQLAlchemy's (ormar's UUID, say)."""
     module = type(obj).__module__
     if type_ == "type" and not module.startswith("sqlalchemy"):
         autogen_context.imports.add(f"import {module}")
@@ -37,14 +35,12 @@ def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> Any:
 
 
 def columns_changed(table: ops.ModifyTableOps) -> tuple[list[Any], list[Any]]:
-    """The table's columns that the revision drops, and those it adds."""
     dropped = [op for op in table.ops if isinstance(op, ops.DropColumnOp)]
     added = [op for op in table.ops if isinstance(op, ops.AddColumnOp)]
     return dropped, added
 
 
 def rename(table: ops.ModifyTableOps, dropped: Any, added: Any) -> None:
-    """Put a rename of the dropped column to the added one in place of the two."""
     old, new = dropped.to_column(), added.column
     table.ops[table.ops.index(dropped)] = ops.AlterColumnOp(
         table.table_name,
@@ -59,19 +55,14 @@ def rename(table: ops.ModifyTableOps, dropped: Any, added: Any) -> None:
 
 def revision_written(context: Any, revision: Any, directives: list[Any]) -> None:
     """For `alembic revision --autogenerate` (`alembic check` reads the directives as
-    they are): no empty revision, and a column dropped and one alike (type,
-    nullability) added in one table written as a rename, which keeps the data.
-
-    Autogenerate cannot tell a rename from a new column: it would drop the old one and
-    its data. Columns dropped and added that are not alike stop it.
-    """
+    they are): no empty revision, and a column dropped and one alike added in a table
+    written as a rename, not a drop that loses the data; unlike ones stop it."""
     if not getattr(config.cmd_opts, "autogenerate", False):
         return
     script = directives[0]
     tables = [*script.upgrade_ops.ops, *script.downgrade_ops.ops]
     for op in (op for table in tables for op in getattr(table, "ops", [])):
-        # ormar marks each column autoincrement=False, which autogenerate copies into
-        # alter_column; only MySQL takes it (PostgreSQL warns).
+        # ormar's autoincrement=False: only MySQL takes it in alter_column.
         if isinstance(op, ops.AlterColumnOp):
             op.kw.pop("autoincrement", None)
     renamed = set()
@@ -119,8 +110,7 @@ def server_default_changed(
     metadata_default: Any,
     rendered_metadata_default: str | None,
 ) -> bool | None:
-    # SQLite reads `server_default=""` back as `('')`, which alembic does not unquote
-    # (it does other strings): it would see a change every time.
+    # SQLite reads `server_default=""` back as `('')`, which alembic does not unquote.
     if rendered_metadata_default == "" and inspected_default in ("''", "('')"):
         return False
     return None  # alembic compares
@@ -147,8 +137,7 @@ def run_migrations_offline() -> None:
 
 
 def reflected(inspector: Inspector, table: Table, column: Any) -> None:
-    # SQLAlchemy does not reflect a SQLite table's AUTOINCREMENT: read it back, or a
-    # batch rebuild (an altered column of `users`, say) would drop it.
+    # SQLite's AUTOINCREMENT is not reflected: read it, or a batch rebuild drops it.
     options, bind = table.dialect_options["sqlite"], inspector.bind
     if options["autoincrement"] or bind.dialect.name != "sqlite":
         return
@@ -160,8 +149,7 @@ def reflected(inspector: Inspector, table: Table, column: Any) -> None:
 
 
 def created(table: Table, connection: Connection, **kw: Any) -> None:
-    # Batch mode copies `t` into `_alembic_tmp_t`: the copy's counter must go on from
-    # the original's, or a deleted account's id is handed out again.
+    # Batch mode's copy of `t` goes on from its counter: no id is handed out twice.
     original = table.name.removeprefix("_alembic_tmp_")
     if original != table.name and table.dialect_options["sqlite"]["autoincrement"]:
         connection.exec_driver_sql(
@@ -177,20 +165,14 @@ def send_begin(connection: Connection) -> None:
 
 @contextmanager
 def sqlite_migration(connection: Connection, one_transaction: bool) -> Iterator[None]:
-    """Keep AUTOINCREMENT and its counter through batch mode's rebuilds; and, when
-    `one_transaction`, run the whole upgrade in one transaction, as PostgreSQL does.
-
-    SQLite's DDL is transactional, but its driver sends BEGIN only before an INSERT or
-    an UPDATE: a revision failed half-way would leave what it did (`_alembic_tmp_users`,
-    say) and the next upgrade would fail on it. So, for this migration only, the driver
-    sends no BEGIN and each begin of this connection sends one.
-    """
+    """Keep AUTOINCREMENT and its counter through batch mode's rebuilds; and, if
+    `one_transaction`, run the upgrade in one transaction, as PostgreSQL does: the
+    driver sends BEGIN only before DML, so a failed revision would leave its DDL."""
     driver = connection.connection.dbapi_connection
     assert driver is not None
     before = driver.isolation_level
     if one_transaction:
-        # WAL lets readers go on while one writer writes; it is stored in the file, and
-        # cannot be set inside a transaction.
+        # WAL: readers go on while one writes. Kept in the file; not in a transaction.
         connection.exec_driver_sql("PRAGMA journal_mode=WAL")
         connection.commit()
         driver.isolation_level = None
@@ -209,12 +191,10 @@ def sqlite_migration(connection: Connection, one_transaction: bool) -> Iterator[
 
 def do_run_migrations(connection: Connection) -> None:
     sqlite = connection.dialect.name == "sqlite"
-    # SQLite cannot ALTER most things in place: batch mode rebuilds the table instead.
-    # Foreign keys stay off on this connection (only the app's engine turns them on):
-    # dropping the old table would otherwise delete every row that references it.
+    # SQLite cannot ALTER most things: batch mode rebuilds the table. Foreign keys stay
+    # off here (the app turns them on): a rebuild would delete rows that reference it.
     configure(connection=connection, render_as_batch=sqlite, transactional_ddl=True)
-    # One transaction for the whole upgrade, made here on SQLite (PostgreSQL's is
-    # alembic's own), unless the connection came in a transaction of its caller's.
+    # On SQLite one transaction is made here, unless the caller's holds the connection.
     one_transaction = sqlite and not connection.in_transaction()
     with sqlite_migration(connection, one_transaction), context.begin_transaction():
         context.run_migrations()
@@ -226,8 +206,7 @@ async def run_async_migrations(engine: AsyncEngine) -> None:
 
 
 def run_migrations_online() -> None:
-    """Run the migrations on the engine or connection that a caller (pytest-alembic)
-    put in `config.attributes["connection"]`, or on DATABASE_URL."""
+    # On the engine or connection a caller (pytest-alembic) gave, or on DATABASE_URL.
     connectable = config.attributes.get("connection")
     if isinstance(connectable, Connection):
         do_run_migrations(connectable)
