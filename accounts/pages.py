@@ -1,5 +1,4 @@
-"""The pages that mailed links open while PUBLIC_URL is the app itself (its default):
-each POSTs the token in the link's fragment to the API."""
+"""The pages mailed links open while PUBLIC_URL is the app (its default)."""
 
 import base64
 import hashlib
@@ -21,8 +20,7 @@ def inline_source(html: str, tag: str) -> str:
 
 
 def page(name: str) -> Callable[[], Awaitable[HTMLResponse]]:
-    """Serve accounts/pages/{name}.html: its own script and style run, it talks to
-    the API alone, in no other site's frame, sending no Referer, kept in no cache."""
+    """Serve accounts/pages/{name}.html, its own script and style alone allowed."""
     html = (Path(__file__).parent / "pages" / f"{name}.html").read_text()
     script, style = (inline_source(html, tag) for tag in ("script", "style"))
     headers = {

@@ -64,9 +64,8 @@ CurrentUser = Annotated[Users, Depends(current_user)]
 async def start_session(
     user_id: int, verified_hash: str, digest: str, device: str | None = None
 ) -> bool:
-    """Store a session if the user is still active, verified and has the password
-    verified (a condition of the INSERT), and note the `device`'s log-in. Ends expired
-    sessions, and past SESSIONS_PER_USER the user's oldest sessions and devices."""
+    """Store a session if the account is still active, verified, with the password
+    verified (a condition of the INSERT); note the `device`; end surplus sessions."""
     users, tokens = Users.ormar_config.table, Tokens.ormar_config.table
     devices = Devices.ormar_config.table
     now = datetime.now(UTC)

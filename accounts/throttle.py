@@ -1,5 +1,4 @@
-"""Who may try how often: a share of the hashing queue per client address, and counts
-of attempts kept in the database, so that one bound holds for every worker."""
+"""Who may try how often: hashing places per address, and counts in the database."""
 
 import hashlib
 import ipaddress
@@ -25,8 +24,7 @@ from db import Users, database
 
 CLIENT_PERIOD = timedelta(minutes=1)  # SIGN_UPS_AND_RESETS_PER_MINUTE's
 DEVICE_COOKIE = "device"
-# Seconds a 429 waits before it is sent: a client that ignores Retry-After then costs
-# one request a second per connection, not hundreds (tests/benchmark.md).
+# A 429 waits: a client ignoring Retry-After costs a request a second per connection.
 REFUSAL_PAUSE = 1.0
 
 
@@ -60,8 +58,7 @@ def trusted(host: str) -> bool:
 
 
 async def client_address(request: Request) -> str:
-    """What a client is counted as: its IPv4 address, its IPv6 /64 (one machine may
-    have all of it), or "unparsable"; behind trusted proxies, from X-Forwarded-For."""
+    """The client's IPv4 address, IPv6 /64 (one machine's), or "unparsable"."""
     host = request.client.host if request.client else ""
     if trusted(host):
         hops = ",".join(request.headers.getlist("x-forwarded-for")).split(",")
@@ -90,8 +87,7 @@ async def in_hashing_thread(
     *args: str,
     first: Callable[[], Awaitable[object]] | None = None,
 ) -> T:
-    """Run a password hash or check on a hashing thread, after `first` if given; 503
-    when the queue is full, 429 (before `first`) when the address holds its share."""
+    """Run `function` on a hashing thread, after `first`; 503 or 429 if queued too many."""
     if hashing_limiter.statistics().tasks_waiting >= settings.PASSWORD_HASHING_QUEUE:
         raise unavailable("Too many sign-ups and log-ins at once; retry shortly")
     if hashing_places[client] >= settings.PASSWORD_HASHING_SHARE:
@@ -117,8 +113,7 @@ async def count_attempt(
     key: str, limit: int, period: timedelta | None = None
 ) -> tuple[bool, datetime]:
     """Count an attempt on `key`: whether it is within `limit`, and when the last one
-    let through was; the count ends a `period` (LOG_IN_PERIOD) after it. One statement
-    counts and reads, so concurrent attempts cannot pass the bound together."""
+    let through was. One statement, so concurrent ones cannot pass the bound together."""
     table = LogInAttempts.ormar_config.table
     now = datetime.now(UTC)
     over = table.c.last_attempt_at <= now - (period or settings.LOG_IN_PERIOD)
@@ -214,8 +209,7 @@ async def add_device(request: Request, response: Response, user_id: int) -> None
 async def check_password(
     password: str, user: Users | None, account: str, client: str, cookie: str | None
 ) -> tuple[bool, str | None]:
-    """verify_password, counted first: per device that logged in to the account, or per
-    address and all together per account; 429 past the bounds."""
+    """verify_password, counted per known device, or per address and per account."""
     known = await known_device(cookie, user)
     # Counted for the password the account has: a new one starts its counts afresh.
     stored_hash = user.password if user else passwords.DUMMY_HASH
@@ -232,8 +226,7 @@ async def check_password(
         client, passwords.verify_password, password, stored_hash, first=count
     )
     if valid and user is not None and user.is_active and user.is_verified:
-        # This client's count starts again, and it was no guess of the account's
-        # (whose count goes on: a log-in must not hand guessers more).
+        # Not a guess: this client's count restarts, one is taken off the account's.
         table = LogInAttempts.ormar_config.table
         taken_back = table.update().where(table.c.digest == everyone)
         async with database.get_query_executor() as executor:

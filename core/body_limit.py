@@ -6,8 +6,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodySizeLimit:
-    """A JSON 413 for a body over `max_size` bytes (FastAPI's `max_body_size` answers
-    plain text to a Content-Length over it)."""
+    """A JSON 413 (FastAPI's own is plain text) for a body over `max_size` bytes."""
 
     def __init__(self, app: ASGIApp, max_size: int) -> None:
         self.app = app

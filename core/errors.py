@@ -71,8 +71,7 @@ def has_nul(value: object) -> bool:
     return isinstance(value, str) and "\x00" in value
 
 
-# A 422's error for a value refused (its loc: the model's field where known), and how
-# to tell that value among the ones sent.
+# A 422's error (loc: the model's field, if known) and how to find the value sent.
 Refusal = tuple[dict[str, Any], Callable[[object], bool]]
 
 
@@ -124,17 +123,6 @@ def refusals(error: Exception) -> list[Refusal]:
     return [({"type": "unstorable", "loc": [], "msg": UNSTORABLE}, has_nul)]
 
 
-def lacks_what_models_have(error: Exception) -> bool:
-    """Whether a query failed on a table or column that the database does not have."""
-    orig = getattr(error, "orig", None)
-    if getattr(orig, "sqlstate", None) in ("42P01", "42703"):  # PostgreSQL
-        return True
-    missing = ("no such table", "no such column", "has no column named")  # SQLite
-    return isinstance(error, sqlalchemy.exc.OperationalError) and any(
-        words in str(orig) for words in missing
-    )
-
-
 async def sent_values(request: Request) -> list[tuple[list[str | int], object]]:
     """Every value of the request's path, query and JSON or form body, with its loc."""
     found: list[tuple[list[str | int], object]] = []
@@ -173,8 +161,7 @@ DATABASE_FAULTS = (
 
 
 async def database_error(request: Request, error: Exception) -> Response:
-    """422 for values refused, with each one's `loc`; 503 while the database cannot
-    serve; a bug's 500 otherwise."""
+    """422 for values refused, naming each; 503 while the database cannot serve."""
     if refused := refusals(error):
         sent = await sent_values(request)  # read only now: the normal path pays nothing
         detail = []
@@ -186,11 +173,15 @@ async def database_error(request: Request, error: Exception) -> Response:
         return JSONResponse({"detail": detail}, 422)
     if isinstance(error, OverflowError | ValidationError):
         raise error  # not the database's: a bug, a 500
-    if lacks_what_models_have(error):
+    orig = getattr(error, "orig", None)
+    missing = ("no such table", "no such column", "has no column named")  # SQLite
+    if getattr(orig, "sqlstate", None) in ("42P01", "42703") or (  # PostgreSQL
+        isinstance(error, sqlalchemy.exc.OperationalError)
+        and any(words in str(orig) for words in missing)
+    ):
         # Not an outage: the code and the database disagree until a migration.
         if not getattr(error, "__notes__", None):  # the app's handler sees it again
-            cause = getattr(error, "orig", error)
-            note = f"The database lacks a table or column of the models ({cause})."
+            note = f"The database lacks a table or column of the models ({orig})."
             error.add_note(f"{note} {MAKEMIGRATIONS}")
             logger.error("%s %s", note, MAKEMIGRATIONS)
         raise error  # a 500, its traceback (ending with the note) in the log
@@ -211,8 +202,7 @@ async def internal_error(request: Request, error: Exception) -> Response:
 
 
 def openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document plus the answers that routes share, each error but a 422
-    shaped `{"detail": "..."}`."""
+    """FastAPI's document plus the answers that routes share, all `{"detail": ...}`."""
     if app.openapi_schema:
         return app.openapi_schema
     document = FastAPI.openapi(app)

@@ -1,5 +1,4 @@
-"""The service's settings, from the environment or the project's `.env`. A bad value
-stops the start naming the variable, never quoting the value (it may be a password)."""
+"""The settings, from the environment or `.env`; a bad value stops the start."""
 
 from datetime import timedelta
 from pathlib import Path

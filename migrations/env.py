@@ -54,9 +54,8 @@ def rename(table: ops.ModifyTableOps, dropped: Any, added: Any) -> None:
 
 
 def revision_written(context: Any, revision: Any, directives: list[Any]) -> None:
-    """For `alembic revision --autogenerate` (`alembic check` reads the directives as
-    they are): no empty revision, and a column dropped and one alike added in a table
-    written as a rename, not a drop that loses the data; unlike ones stop it."""
+    """Of `revision --autogenerate` (not `check`): no empty revision; a column dropped
+    and one alike added, a rename that keeps the data; unlike ones stop it."""
     if not getattr(config.cmd_opts, "autogenerate", False):
         return
     script = directives[0]
@@ -165,9 +164,8 @@ def send_begin(connection: Connection) -> None:
 
 @contextmanager
 def sqlite_migration(connection: Connection, one_transaction: bool) -> Iterator[None]:
-    """Keep AUTOINCREMENT and its counter through batch mode's rebuilds; and, if
-    `one_transaction`, run the upgrade in one transaction, as PostgreSQL does: the
-    driver sends BEGIN only before DML, so a failed revision would leave its DDL."""
+    """Keep AUTOINCREMENT through batch rebuilds; and if `one_transaction`, one for the
+    whole upgrade (the driver's own BEGINs skip DDL: a failure would leave it)."""
     driver = connection.connection.dbapi_connection
     assert driver is not None
     before = driver.isolation_level
