@@ -2,7 +2,7 @@
 
 import hashlib
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import sqlalchemy
 from fastapi import Depends, HTTPException, status
@@ -61,6 +61,17 @@ async def current_user(digest: PresentedDigest) -> Users:
 CurrentUser = Annotated[Users, Depends(current_user)]
 
 
+def surplus(table: sqlalchemy.Table, user_id: int, by: Any) -> Any:
+    """The user's rows past the SESSIONS_PER_USER newest `by` that column."""
+    newest = (
+        sqlalchemy.select(table.c.digest)
+        .where(table.c.user_id == user_id)
+        .order_by(by.desc())
+        .limit(settings.SESSIONS_PER_USER)
+    )
+    return (table.c.user_id == user_id) & table.c.digest.not_in(newest)
+
+
 async def start_session(
     user_id: int, verified_hash: str, digest: str, device: str | None = None
 ) -> bool:
@@ -83,15 +94,7 @@ async def start_session(
     # PostgreSQL: a password change in progress commits before this reads the row.
     account = account.with_for_update(read=True)
     columns = ["user_id", "digest", "created_at", "expires_at"]
-    newest = (
-        sqlalchemy.select(tokens.c.digest)
-        .where(tokens.c.user_id == user_id)
-        .order_by(tokens.c.created_at.desc())
-        .limit(settings.SESSIONS_PER_USER)
-    )
-    ended = (tokens.c.expires_at <= now) | (
-        (tokens.c.user_id == user_id) & tokens.c.digest.not_in(newest)
-    )
+    ended = (tokens.c.expires_at <= now) | surplus(tokens, user_id, tokens.c.created_at)
     async with database.transaction(), database.connection() as connection:
         inserted = await connection.execute(
             tokens.insert().from_select(columns, account)
@@ -107,16 +110,6 @@ async def start_session(
             await connection.execute(
                 used.on_conflict_do_update(index_elements=["digest"], set_=row)
             )
-            recently_used = (
-                sqlalchemy.select(devices.c.digest)
-                .where(devices.c.user_id == user_id)
-                .order_by(devices.c.last_used_at.desc())
-                .limit(settings.SESSIONS_PER_USER)
-            )
-            await connection.execute(
-                devices.delete().where(
-                    devices.c.user_id == user_id,
-                    devices.c.digest.not_in(recently_used),
-                )
-            )
+            old = surplus(devices, user_id, devices.c.last_used_at)
+            await connection.execute(devices.delete().where(old))
     return True
