@@ -26,6 +26,7 @@ CLIENT_PERIOD = timedelta(minutes=1)  # SIGN_UPS_AND_RESETS_PER_MINUTE's
 DEVICE_COOKIE = "device"
 # A 429 waits: a client ignoring Retry-After costs a request a second per connection.
 REFUSAL_PAUSE = 1.0
+TOO_MANY = "Too many log-ins for this account; retry later"
 
 
 def too_many_requests(detail: str, seconds: int = 1) -> HTTPException:
@@ -125,8 +126,7 @@ async def count_attempt(
             (over, 1), (allowed, table.c.attempts + 1), else_=limit + 1
         ),
         "last_attempt_at": sqlalchemy.case(
-            (allowed, sqlalchemy.literal(now, table.c.last_attempt_at.type)),
-            else_=table.c.last_attempt_at,
+            (allowed, upsert.excluded.last_attempt_at), else_=table.c.last_attempt_at
         ),
     }
     upsert = upsert.on_conflict_do_update(index_elements=[table.c.digest], set_=changes)
@@ -141,10 +141,7 @@ async def count_attempt(
 
 
 async def count_log_in(
-    key: str,
-    limit: int,
-    period: timedelta | None = None,
-    detail: str = "Too many log-ins for this account; retry later",
+    key: str, limit: int, period: timedelta | None = None, detail: str = TOO_MANY
 ) -> None:
     """count_attempt, with a 429 past `limit`."""
     allowed, last = await count_attempt(key, limit, period)
