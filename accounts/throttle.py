@@ -170,15 +170,6 @@ def device_digest(cookie: str, user_id: int) -> str:
     return log_in_key(cookie, user_id)
 
 
-async def known_device(cookie: str | None, user: Users | None) -> str | None:
-    if cookie is None:
-        return None
-    # Looked up for an unknown email too (as id 0, no account's), to take as long.
-    digest = device_digest(cookie, user.id if user else 0)
-    found = await Devices.objects.filter(digest=digest).exists()
-    return digest if found and user is not None else None
-
-
 def new_device_cookie(request: Request, response: Response) -> str | None:
     """A new device cookie's value; None to another site's page (a log-in CSRF)."""
     if request.headers.get("sec-fetch-site") == "cross-site":
@@ -207,7 +198,12 @@ async def check_password(
     password: str, user: Users | None, account: str, client: str, cookie: str | None
 ) -> tuple[bool, str | None]:
     """verify_password, counted per known device, or per address and per account."""
-    known = await known_device(cookie, user)
+    known = None
+    if cookie is not None:
+        # Looked up for an unknown email too (as id 0, no account's), to take as long.
+        digest = device_digest(cookie, user.id if user else 0)
+        if await Devices.objects.filter(digest=digest).exists() and user is not None:
+            known = digest
     # Counted for the password the account has: a new one starts its counts afresh.
     stored_hash = user.password if user else passwords.DUMMY_HASH
     allowance = ("device", known) if known else (client, account)

@@ -71,10 +71,6 @@ def has_nul(value: object) -> bool:
     return isinstance(value, str) and "\x00" in value
 
 
-# A 422's error (loc: the model's field, if known) and how to find the value sent.
-Refusal = tuple[dict[str, Any], Callable[[object], bool]]
-
-
 class Refused(Exception):
     """A value that PostgreSQL refuses (args: its column's bits, or 0 for a NUL)."""
 
@@ -97,8 +93,9 @@ def refuse_as_postgresql(context: Any, **_: Any) -> None:
                 raise Refused(bits)
 
 
-def refusals(error: Exception) -> list[Refusal]:
-    """What the model or the database refused of the values sent, if that is the error."""
+def refusals(error: Exception) -> list[tuple[dict[str, Any], Callable[[object], bool]]]:
+    """What the model or the database refused, if that is the error: for each, a 422's
+    error (loc: the model's field, if known) and how to find the value sent."""
     frames = traceback.walk_tb(error.__traceback__)
     if isinstance(error, ValidationError) and any(  # ormar validates what it writes
         frame.f_globals.get("__name__", "").startswith("ormar.") for frame, _ in frames

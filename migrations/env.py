@@ -78,19 +78,17 @@ def revision_written(context: Any, revision: Any, directives: list[Any]) -> None
             gone = ", ".join(f"'{op.column_name}'" for op in dropped)
             came = ", ".join(f"'{op.column.name}'" for op in added)
             raise CommandError(
-                f"In table '{name}', {gone} dropped and {came} added, not alike (type"
-                " or nullability): no revision written, as dropping loses the data. To"
-                " rename, change only the name first (makemigrations writes"
-                f' op.alter_column("{name}", "{old.name}", new_column_name="{new.name}")'
-                "), the rest in a revision after. For new columns, remove the old"
-                " fields and makemigrations, then add the new ones and makemigrations."
+                f"In table '{name}', {gone} dropped and {came} added, not alike: no"
+                " revision, as dropping loses the data. To rename, change the name only"
+                f' (op.alter_column("{name}", "{old.name}", new_column_name="{new.name}"))'
+                ", the rest after. New columns: makemigrations without, then with them."
             )
         rename(table, dropped[0], added[0])
         renamed.add(name)
         print(
-            f"Column '{name}.{old.name}' renamed to '{new.name}', which keeps the"
-            " data. If it is a new column, delete this revision, then remove"
-            f" '{old.name}' and makemigrations, add '{new.name}' and makemigrations."
+            f"Column '{name}.{old.name}' renamed to '{new.name}', keeping the data. If"
+            f" it is new, delete this revision, makemigrations without '{old.name}',"
+            f" then with '{new.name}'."
         )
     for table in script.downgrade_ops.ops:  # the same renames, back
         if isinstance(table, ops.ModifyTableOps) and table.table_name in renamed:
