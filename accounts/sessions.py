@@ -56,12 +56,8 @@ CurrentUser = Annotated[Users, Depends(current_user)]
 
 def surplus(table: sqlalchemy.Table, user_id: int, by: Any) -> Any:
     """The user's rows past the SESSIONS_PER_USER newest `by` that column."""
-    newest = (
-        sqlalchemy.select(table.c.digest)
-        .where(table.c.user_id == user_id)
-        .order_by(by.desc())
-        .limit(settings.SESSIONS_PER_USER)
-    )
+    newest = sqlalchemy.select(table.c.digest).where(table.c.user_id == user_id)
+    newest = newest.order_by(by.desc()).limit(settings.SESSIONS_PER_USER)
     return (table.c.user_id == user_id) & table.c.digest.not_in(newest)
 
 
@@ -85,10 +81,8 @@ async def start_session(
     columns = ["user_id", "digest", "created_at", "expires_at"]
     ended = (tokens.c.expires_at <= now) | surplus(tokens, user_id, tokens.c.created_at)
     async with database.transaction(), database.connection() as connection:
-        inserted = await connection.execute(
-            tokens.insert().from_select(columns, account)
-        )
-        if inserted.rowcount != 1:
+        insert = tokens.insert().from_select(columns, account)
+        if (await connection.execute(insert)).rowcount != 1:
             return False
         await connection.execute(tokens.delete().where(ended))
         if device is not None:

@@ -30,7 +30,6 @@ TOO_MANY = "Too many log-ins for this account; retry later"
 
 
 def too_many_requests(detail: str, seconds: int = 1) -> HTTPException:
-    """A 429 that tells the client how many seconds to wait."""
     return HTTPException(
         status.HTTP_429_TOO_MANY_REQUESTS, detail, headers={"Retry-After": str(seconds)}
     )

@@ -32,7 +32,6 @@ class Error(BaseModel):
 
 
 def unavailable(detail: str = "Service unavailable") -> HTTPException:
-    """A 503 that tells the client when to retry."""
     return HTTPException(
         status.HTTP_503_SERVICE_UNAVAILABLE, detail, headers={"Retry-After": "1"}
     )
