@@ -1,5 +1,6 @@
 """Password hashing: argon2id on threads of its own, so the event loop stays free."""
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -12,19 +13,15 @@ from core.settings import settings
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask, capped by a cgroup quota.
-
-    Not os.cpu_count(), which counts the host's CPUs inside a container.
-    """
+    """Its affinity, capped by a cgroup quota (not os.cpu_count(): the host's CPUs)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    try:  # cgroup v2 (containers): "<quota> <period>", or "max <period>" for none
+    # cgroup v2 (containers): "<quota> <period>", or "max <period>" for none
+    with contextlib.suppress(OSError, ValueError):
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
     return cpus
 
 
@@ -39,12 +36,7 @@ DUMMY_HASH = password_hash.hash(secrets.token_urlsafe())
 
 
 def encoded(password: str) -> bytes:
-    """The password as argon2 takes it: UTF-8, and any text at all.
-
-    A form whose charset is utf-7 or unicode_escape can carry lone surrogates, which
-    plain UTF-8 cannot encode; "surrogatepass" gives them bytes no other text has, and
-    is plain UTF-8 for all other text, so hashes made from `str` still verify.
-    """
+    # Lone surrogates (a utf-7 form can carry them) get bytes no other text has.
     return password.encode("utf-8", "surrogatepass")
 
 

@@ -19,8 +19,7 @@ from zxcvbn.frequency_lists import FREQUENCY_LISTS
 from accounts import passwords
 from db import Users
 
-# Emails are compared lower-cased: Alice@Example.COM and alice@example.com are one
-# account. Their length is the column's, from the model.
+# Lower-cased: Alice@Example.COM is alice@example.com. As long as the model's column.
 EMAIL_LENGTH = cast(sqlalchemy.String, Users.ormar_config.table.c.email.type).length
 Email = Annotated[EmailStr, AfterValidator(str.lower), Field(max_length=EMAIL_LENGTH)]
 Password = Annotated[str, Field(min_length=8, max_length=passwords.MAX_LENGTH)]
@@ -32,8 +31,7 @@ COMMON_PASSWORDS = frozenset(FREQUENCY_LISTS["passwords"])
 
 
 def uncommon(password: str) -> str:
-    if password.lower() in COMMON_PASSWORDS:
-        # The message quotes nothing: 422s never echo what was sent.
+    if password.lower() in COMMON_PASSWORDS:  # a 422 that quotes nothing
         raise PydanticCustomError(
             "common_password", "This password is one of the most common; choose another"
         )
@@ -54,8 +52,7 @@ CREDENTIALS = frozenset({"email", "password"})
 
 
 class UserUpdate(BaseModel):
-    """Leave a field out to keep its value; null clears an optional one. Fields of
-    `Users` added here besides the credentials (a nickname, say) need no password."""
+    """Leave a field out to keep it; null clears an optional one."""
 
     model_config = ConfigDict(extra="forbid")  # `is_active` and typos are a 422
 
@@ -97,13 +94,10 @@ class PasswordReset(BaseModel):
 
 
 class Message(BaseModel):
-    """An answer that says what happens next, and nothing of any account."""
-
-    message: str
+    message: str  # what happens next, and nothing of any account
 
 
-# Public fields are an allowlist: a new column stays private until it is added here.
-# Generated from the ormar model; the name keeps the OpenAPI document readable.
+# An allowlist, from the model: a new column stays private until it is added here.
 UserRead = create_model(
     "UserRead", __base__=Users.get_pydantic(include={"id", "email", "is_active"})
 )

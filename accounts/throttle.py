@@ -1,6 +1,4 @@
-"""Who may try how often: a share of the hashing queue per client address, and the
-password throttle per account (per address, per device, and in all), counted in the
-database so that one bound holds for every worker and machine."""
+"""Who may try how often: hashing places per address, and counts in the database."""
 
 import hashlib
 import ipaddress
@@ -20,19 +18,18 @@ from sqlalchemy.dialects import postgresql, sqlite
 from accounts import passwords
 from accounts.models import Devices, LogInAttempts
 from accounts.passwords import hashing_limiter
+from core.errors import unavailable
 from core.settings import settings
 from db import Users, database
 
-# SIGN_UPS_AND_RESETS_PER_MINUTE's period.
-CLIENT_PERIOD = timedelta(minutes=1)
+CLIENT_PERIOD = timedelta(minutes=1)  # SIGN_UPS_AND_RESETS_PER_MINUTE's
 DEVICE_COOKIE = "device"
-# Seconds a 429 waits before it is sent: a client that ignores Retry-After then costs
-# one request a second per connection, not hundreds (tests/benchmark.md).
+# A 429 waits: a client ignoring Retry-After costs a request a second per connection.
 REFUSAL_PAUSE = 1.0
+TOO_MANY = "Too many log-ins for this account; retry later"
 
 
 def too_many_requests(detail: str, seconds: int = 1) -> HTTPException:
-    """A 429 that tells the client how many seconds to wait."""
     return HTTPException(
         status.HTTP_429_TOO_MANY_REQUESTS, detail, headers={"Retry-After": str(seconds)}
     )
@@ -61,12 +58,7 @@ def trusted(host: str) -> bool:
 
 
 async def client_address(request: Request) -> str:
-    """What a client is counted as: its IPv4 address, its IPv6 /64 (one machine may
-    have all of it), or "unparsable", one client for every such value.
-
-    The address is the connection's own, unless that is a trusted proxy's: then the
-    nearest address in X-Forwarded-For that no trusted proxy added.
-    """
+    """The client's IPv4 address, IPv6 /64 (one machine's), or "unparsable"."""
     host = request.client.host if request.client else ""
     if trusted(host):
         hops = ",".join(request.headers.getlist("x-forwarded-for")).split(",")
@@ -95,18 +87,9 @@ async def in_hashing_thread(
     *args: str,
     first: Callable[[], Awaitable[object]] | None = None,
 ) -> T:
-    """Run a password hash or check on a hashing thread, after `first` if given.
-
-    503 when the queue is full; 429 when the client's address holds its share of it,
-    before `first` runs: a flood from one address writes nothing and keeps no one else
-    waiting for long.
-    """
+    """Run `function` on a hashing thread, after `first`; 503 or 429 if queued too many."""
     if hashing_limiter.statistics().tasks_waiting >= settings.PASSWORD_HASHING_QUEUE:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "Too many sign-ups and log-ins at once; retry shortly",
-            headers={"Retry-After": "1"},
-        )
+        raise unavailable("Too many sign-ups and log-ins at once; retry shortly")
     if hashing_places[client] >= settings.PASSWORD_HASHING_SHARE:
         await anyio.sleep(REFUSAL_PAUSE)
         raise too_many_requests("Too many sign-ups and log-ins from your address")
@@ -121,9 +104,8 @@ async def in_hashing_thread(
             del hashing_places[client]
 
 
-def log_in_key(*parts: str) -> str:
-    """What password checks are counted by, such as the client and the account as
-    typed (so no email is stored, and unknown ones count alike), digested."""
+def log_in_key(*parts: str | int) -> str:
+    """The digest that a count (of a client, an account as typed...) is stored as."""
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -131,12 +113,7 @@ async def count_attempt(
     key: str, limit: int, period: timedelta | None = None
 ) -> tuple[bool, datetime]:
     """Count an attempt on `key`: whether it is within `limit`, and when the last one
-    let through was. Counts end a `period` (LOG_IN_PERIOD) after that.
-
-    One statement counts and reads the count, so concurrent attempts cannot pass the
-    bound together. A refused attempt does not move the time on: the count ends a
-    period after the last one let through. Deletes counts whose period is over first.
-    """
+    let through was. One statement, so concurrent ones cannot pass the bound together."""
     table = LogInAttempts.ormar_config.table
     now = datetime.now(UTC)
     over = table.c.last_attempt_at <= now - (period or settings.LOG_IN_PERIOD)
@@ -148,12 +125,11 @@ async def count_attempt(
             (over, 1), (allowed, table.c.attempts + 1), else_=limit + 1
         ),
         "last_attempt_at": sqlalchemy.case(
-            (allowed, sqlalchemy.literal(now, table.c.last_attempt_at.type)),
-            else_=table.c.last_attempt_at,
+            (allowed, upsert.excluded.last_attempt_at), else_=table.c.last_attempt_at
         ),
     }
     upsert = upsert.on_conflict_do_update(index_elements=[table.c.digest], set_=changes)
-    # Over whatever its period: the longest is over (indexed, a few rows each time).
+    # Counts over whatever their period: the longest is over (indexed, a few rows).
     ended = table.c.last_attempt_at <= now - max(settings.LOG_IN_PERIOD, CLIENT_PERIOD)
     async with database.get_query_executor() as executor:
         await executor.execute(table.delete().where(ended))
@@ -164,13 +140,9 @@ async def count_attempt(
 
 
 async def count_log_in(
-    key: str,
-    limit: int,
-    period: timedelta | None = None,
-    detail: str = "Too many log-ins for this account; retry later",
+    key: str, limit: int, period: timedelta | None = None, detail: str = TOO_MANY
 ) -> None:
-    """Count a password check (or another request) on `key` before it is made; 429
-    past `limit` within `period` (LOG_IN_PERIOD)."""
+    """count_attempt, with a 429 past `limit`."""
     allowed, last = await count_attempt(key, limit, period)
     if not allowed:
         wait = last + (period or settings.LOG_IN_PERIOD) - datetime.now(UTC)
@@ -186,7 +158,6 @@ async def count_request(kind: str, client: str) -> None:
 
 
 async def device_cookie(request: Request) -> str | None:
-    """The request's device cookie, if it sent one."""
     return request.cookies.get(DEVICE_COOKIE) or None
 
 
@@ -194,26 +165,12 @@ DeviceCookie = Annotated[str | None, Depends(device_cookie)]
 
 
 def device_digest(cookie: str, user_id: int) -> str:
-    """What is stored for a client's device on one account. One cookie serves every
-    account the client logs in to, and the table does not tell which share a client."""
-    return hashlib.sha256(json.dumps([cookie, user_id]).encode()).hexdigest()
-
-
-async def known_device(cookie: str | None, user: Users | None) -> str | None:
-    """The digest of the client's device on the user's account, if it is one."""
-    if cookie is None:
-        return None
-    # Looked up for any email (an unknown one as id 0, which no account has), so
-    # that it takes as long for every email.
-    digest = device_digest(cookie, user.id if user else 0)
-    found = await Devices.objects.filter(digest=digest).exists()
-    return digest if found and user is not None else None
+    # One cookie serves every account: the table does not tell which share a client.
+    return log_in_key(cookie, user_id)
 
 
 def new_device_cookie(request: Request, response: Response) -> str | None:
-    """Give the client a device cookie of its own; its value. None to a page of
-    another site (a log-in CSRF): the browser withholds from it the cookie it has,
-    and would keep a new one in its place."""
+    """A new device cookie's value; None to another site's page (a log-in CSRF)."""
     if request.headers.get("sec-fetch-site") == "cross-site":
         return None
     value = secrets.token_urlsafe(32)
@@ -229,8 +186,7 @@ def new_device_cookie(request: Request, response: Response) -> str | None:
 
 
 async def add_device(request: Request, response: Response, user_id: int) -> None:
-    """Make the client a device of the account, as a log-in does (with a cookie of
-    its own if it has none): the browser that confirmed a reset is the owner's."""
+    """Make the client a device of the account (the browser that confirmed a reset)."""
     cookie = await device_cookie(request) or new_device_cookie(request, response)
     if cookie is not None:
         digest, now = device_digest(cookie, user_id), datetime.now(UTC)
@@ -240,15 +196,13 @@ async def add_device(request: Request, response: Response, user_id: int) -> None
 async def check_password(
     password: str, user: Users | None, account: str, client: str, cookie: str | None
 ) -> tuple[bool, str | None]:
-    """Verify a password for `account` (its `user`, or None when there is none), after
-    counting it; 429 past the bounds. What verify_password answers.
-
-    A client whose device cookie has logged in to the account before has an allowance
-    of its own. Any other is counted per address, and all of them together per
-    account: many addresses get no more than LOG_IN_ATTEMPTS_PER_ACCOUNT guesses, and
-    the owner's own device still logs in.
-    """
-    known = await known_device(cookie, user)
+    """verify_password, counted per known device, or per address and per account."""
+    known = None
+    if cookie is not None:
+        # Looked up for an unknown email too (as id 0, no account's), to take as long.
+        digest = device_digest(cookie, user.id if user else 0)
+        if await Devices.objects.filter(digest=digest).exists() and user is not None:
+            known = digest
     # Counted for the password the account has: a new one starts its counts afresh.
     stored_hash = user.password if user else passwords.DUMMY_HASH
     allowance = ("device", known) if known else (client, account)
@@ -264,8 +218,7 @@ async def check_password(
         client, passwords.verify_password, password, stored_hash, first=count
     )
     if valid and user is not None and user.is_active and user.is_verified:
-        # This client's count starts again, and it was no guess of the account's
-        # (whose count goes on: a log-in must not hand guessers more).
+        # Not a guess: this client's count restarts, one is taken off the account's.
         table = LogInAttempts.ormar_config.table
         taken_back = table.update().where(table.c.digest == everyone)
         async with database.get_query_executor() as executor:

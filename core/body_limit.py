@@ -6,10 +6,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodySizeLimit:
-    """Answer 413 to a request body over `max_size` bytes, before it is all read.
-
-    (FastAPI's own `max_body_size` answers plain text when Content-Length is too large.)
-    """
+    """A JSON 413 (FastAPI's own is plain text) for a body over `max_size` bytes."""
 
     def __init__(self, app: ASGIApp, max_size: int) -> None:
         self.app = app
@@ -22,8 +19,7 @@ class BodySizeLimit:
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_size:
             return await too_large(scope, receive, send)
-        received = 0
-        answered = False
+        received, answered = 0, False
 
         async def receive_within_limit() -> Message:  # counts chunked bodies
             nonlocal received, answered

@@ -32,27 +32,16 @@ class Error(BaseModel):
 
 
 def unavailable(detail: str = "Service unavailable") -> HTTPException:
-    """A 503 that tells the client when to retry."""
     return HTTPException(
         status.HTTP_503_SERVICE_UNAVAILABLE, detail, headers={"Retry-After": "1"}
     )
 
 
-# What a 422 says of a value sent that the database refused to store.
-OUT_OF_RANGE = "A number out of the range the database can store"
-UNSTORABLE = "A value the database cannot store, such as a NUL character"
-OUT_OF_RANGE_ERROR = {"type": "out_of_range", "loc": [], "msg": OUT_OF_RANGE}
-UNSTORABLE_ERROR = {"type": "unstorable", "loc": [], "msg": UNSTORABLE}
-
-
 def public_error(error: Mapping[str, Any]) -> dict[str, Any]:
-    """Which field and what kind of error, never the value sent: it may be a password.
-
-    Where pydantic's message ends with a sub-error's text (an email's reason, a JSON
-    parser's complaint), which may quote the value, only the part before it is kept.
-    """
+    """The field and kind of an error, never the value sent: it may be a password."""
     message = error["msg"]
     context = error.get("ctx") or {}
+    # A sub-error's text ending the message (an email's reason) may quote the value.
     for quoted in (str(context[key]) for key in ("reason", "error") if key in context):
         message = message.split(quoted)[0].rstrip(" ,:")
     return {"type": error["type"], "loc": error["loc"], "msg": message}
@@ -63,40 +52,26 @@ async def validation_failed(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
-def as_integer(value: object) -> int | None:
-    """The integer that a value sent stands for, as pydantic reads one ("12", 12.0)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    if isinstance(value, int | str):
+# What a 422 says of a value sent that the database refused to store.
+OUT_OF_RANGE = "A number out of the range the database can store"
+UNSTORABLE = "A value the database cannot store, such as a NUL character"
+
+
+def wider_than(bits: int, value: object) -> bool:
+    """Whether a value sent is an integer ("12", 12.0) past `bits`, signed."""
+    if isinstance(value, str) or (isinstance(value, float) and value.is_integer()):
         with contextlib.suppress(ValueError):
-            return int(value)
-    return None
-
-
-def wider_than(bits: int) -> Callable[[object], bool]:
-    """Whether a value sent is an integer that needs more than `bits` (signed)."""
+            value = int(value)
     limit = 2 ** (bits - 1)
-
-    def wider(value: object) -> bool:
-        number = as_integer(value)
-        return number is not None and not -limit <= number < limit
-
-    return wider
+    return type(value) is int and not -limit <= value < limit  # a bool is no number
 
 
 def has_nul(value: object) -> bool:
     return isinstance(value, str) and "\x00" in value
 
 
-# The error a 422 gives for a value that the model or the database refused (its loc:
-# the model's field where known), and how to tell that value among the ones sent.
-Refusal = tuple[dict[str, Any], Callable[[object], bool]]
-
-
 class Refused(Exception):
-    """A value that SQLite would store and PostgreSQL refuses (args: a Refusal)."""
+    """A value that PostgreSQL refuses (args: its column's bits, or 0 for a NUL)."""
 
 
 # PostgreSQL's integer types, in bits, by the models' column types.
@@ -105,24 +80,21 @@ INTEGER_BITS = {"small_integer": 16, "integer": 32, "big_integer": 64}
 
 @sqlalchemy.event.listens_for(sqlalchemy.Engine, "before_cursor_execute", named=True)
 def refuse_as_postgresql(context: Any, **_: Any) -> None:
-    """On SQLite, refuse the writes that PostgreSQL refuses (an integer past its
-    column's type, a NUL character in text): the default database answers what
-    production will. Reads pass as they are."""
+    """On SQLite, refuse the writes PostgreSQL refuses: answer what production will."""
     if context.dialect.name != "sqlite" or not (context.isinsert or context.isupdate):
         return
     for values in context.compiled_parameters:
         for name, value in values.items():
+            bits = INTEGER_BITS.get(context.compiled.binds[name].type.__visit_name__)
             if has_nul(value):
-                raise Refused(UNSTORABLE_ERROR, has_nul)
-            column = context.compiled.binds[name].type
-            bits = INTEGER_BITS.get(column.__visit_name__, 0)
-            if bits and wider_than(bits)(value):
-                raise Refused(OUT_OF_RANGE_ERROR, wider_than(bits))
+                raise Refused(0)
+            if bits and wider_than(bits, value):
+                raise Refused(bits)
 
 
-def refusals(error: Exception) -> list[Refusal]:
-    """What the model or the database refused, if the error is that it refused values
-    sent (nothing was written); none otherwise."""
+def refusals(error: Exception) -> list[tuple[dict[str, Any], Callable[[object], bool]]]:
+    """What the model or the database refused, if that is the error: for each, a 422's
+    error (loc: the model's field, if known) and how to find the value sent."""
     frames = traceback.walk_tb(error.__traceback__)
     if isinstance(error, ValidationError) and any(  # ormar validates what it writes
         frame.f_globals.get("__name__", "").startswith("ormar.") for frame, _ in frames
@@ -130,40 +102,28 @@ def refusals(error: Exception) -> list[Refusal]:
         return [
             (public_error(e), partial(operator.eq, e["input"])) for e in error.errors()
         ]
-    if isinstance(error, Refused):
-        return [error.args]
     text = str(getattr(error, "orig", error))
-    if isinstance(error, OverflowError) and "SQLite" in text:  # sqlite3: past 64 bits
-        return [(OUT_OF_RANGE_ERROR, wider_than(64))]
-    # PostgreSQL's data exceptions (SQLite stores these values).
-    if not str(getattr(getattr(error, "orig", None), "sqlstate", "")).startswith("22"):
+    if isinstance(error, Refused):
+        bits = error.args[0]
+    elif isinstance(error, OverflowError) and "SQLite" in text:  # sqlite3: past 64 bits
+        bits = 64
+    elif str(getattr(getattr(error, "orig", None), "sqlstate", "")).startswith("22"):
+        # PostgreSQL's data exceptions (SQLite stores these values).
+        found = re.search(r"out of int(\d+) range", text)  # asyncpg, before sending
+        bits = int(found[1]) if found else 0
+    else:
         return []
-    if bits := re.search(r"out of int(\d+) range", text):  # asyncpg, before sending
-        return [(OUT_OF_RANGE_ERROR, wider_than(int(bits[1])))]
-    return [(UNSTORABLE_ERROR, has_nul)]
-
-
-def lacks_what_models_have(error: Exception) -> bool:
-    """Whether a query failed on a table or column that the database does not have."""
-    orig = getattr(error, "orig", None)
-    if getattr(orig, "sqlstate", None) in ("42P01", "42703"):  # PostgreSQL
-        return True
-    missing = ("no such table", "no such column", "has no column named")  # SQLite
-    return isinstance(error, sqlalchemy.exc.OperationalError) and any(
-        words in str(orig) for words in missing
-    )
+    if bits:
+        answer = {"type": "out_of_range", "loc": [], "msg": OUT_OF_RANGE}
+        return [(answer, partial(wider_than, bits))]
+    return [({"type": "unstorable", "loc": [], "msg": UNSTORABLE}, has_nul)]
 
 
 async def sent_values(request: Request) -> list[tuple[list[str | int], object]]:
-    """Every value of the request's path, query and JSON or form body, with its loc.
-
-    Read only when a value was refused: the normal path pays nothing for it.
-    """
+    """Every value of the request's path, query and JSON or form body, with its loc."""
     found: list[tuple[list[str | int], object]] = []
-    found += [(["path", name], value) for name, value in request.path_params.items()]
-    found += [
-        (["query", name], value) for name, value in request.query_params.multi_items()
-    ]
+    found += [(["path", k], v) for k, v in request.path_params.items()]
+    found += [(["query", k], v) for k, v in request.query_params.multi_items()]
     content_type = request.headers.get("content-type", "")
     try:  # read by the route already (the request keeps it), or read now
         if "json" in content_type:
@@ -174,7 +134,7 @@ async def sent_values(request: Request) -> list[tuple[list[str | int], object]]:
     except (ValueError, RuntimeError, ClientDisconnect, StarletteHTTPException):
         pass  # no JSON, or no longer readable: nothing more to point at
     sent = []
-    while found:  # JSON's objects and arrays opened, without recursion: any depth
+    while found:  # JSON's objects and arrays opened without recursion: any depth
         loc, value = found.pop()
         if isinstance(value, dict):
             found += [([*loc, key], item) for key, item in value.items()]
@@ -197,13 +157,9 @@ DATABASE_FAULTS = (
 
 
 async def database_error(request: Request, error: Exception) -> Response:
-    """503 while the database cannot serve: the client may retry, nothing is lost.
-
-    422 for a value sent that the model or the database refuses (too long, null, out
-    of range, NUL), with the `loc` of each such value sent; other errors are bugs (500).
-    """
+    """422 for values refused, naming each; 503 while the database cannot serve."""
     if refused := refusals(error):
-        sent = await sent_values(request)
+        sent = await sent_values(request)  # read only now: the normal path pays nothing
         detail = []
         for answer, test in refused:
             field = list(answer["loc"])  # [] or the model's field, [name]
@@ -213,24 +169,26 @@ async def database_error(request: Request, error: Exception) -> Response:
         return JSONResponse({"detail": detail}, 422)
     if isinstance(error, OverflowError | ValidationError):
         raise error  # not the database's: a bug, a 500
-    if lacks_what_models_have(error):
+    orig = getattr(error, "orig", None)
+    missing = ("no such table", "no such column", "has no column named")  # SQLite
+    if getattr(orig, "sqlstate", None) in ("42P01", "42703") or (  # PostgreSQL
+        isinstance(error, sqlalchemy.exc.OperationalError)
+        and any(words in str(orig) for words in missing)
+    ):
         # Not an outage: the code and the database disagree until a migration.
         if not getattr(error, "__notes__", None):  # the app's handler sees it again
-            cause = getattr(error, "orig", error)
-            note = f"The database lacks a table or column of the models ({cause})."
+            note = f"The database lacks a table or column of the models ({orig})."
             error.add_note(f"{note} {MAKEMIGRATIONS}")
             logger.error("%s %s", note, MAKEMIGRATIONS)
         raise error  # a 500, its traceback (ending with the note) in the log
-    # A killed connection (a restart, a failover) comes as any DBAPIError that
-    # SQLAlchemy marks invalidated; a locked or missing SQLite file as OperationalError.
+    # Outages: a locked or missing SQLite file, a connection killed (invalidated).
     outage = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
     lost = getattr(error, "connection_invalidated", False)
     if isinstance(error, sqlalchemy.exc.DBAPIError) and not (
         isinstance(error, outage) or lost
     ):
         raise error  # a bug, not an outage: a 500 with its traceback in the log
-    # Operators read the cause in the log; clients learn only when to retry.
-    logger.error("database unavailable: %s", error)
+    logger.error("database unavailable: %s", error)  # clients learn only when to retry
     return await http_exception_handler(request, unavailable())
 
 
@@ -240,10 +198,7 @@ async def internal_error(request: Request, error: Exception) -> Response:
 
 
 def openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, plus the answers routes share, declared here once: 500 and
-    503 on every route, 400 and 413 where a body is read, 401 where a token is
-    (`CurrentUser`); every error but a 422 shaped `{"detail": "..."}`. A route
-    declares only its own."""
+    """FastAPI's document plus the answers that routes share, all `{"detail": ...}`."""
     if app.openapi_schema:
         return app.openapi_schema
     document = FastAPI.openapi(app)

@@ -1,5 +1,4 @@
-"""`/health`, and whether the models and the database agree: compared once per process,
-at start-up or by `/health`, with a warning in the log that names each difference."""
+"""`/health`, and whether the database is at the migrations' head and like the models."""
 
 import logging
 from pathlib import Path
@@ -24,8 +23,7 @@ MIGRATIONS_HEAD = ScriptDirectory.from_config(
 
 
 def described(difference: Any) -> str | None:
-    """One of alembic's compare_metadata differences, in words; None for a table of
-    no model the app imports (migrations/env.py may import more), which it never uses."""
+    """An alembic difference in words; None for a table of no model (unused here)."""
     if isinstance(difference, list):  # a column's type, nullability or default
         _, _, table, column = difference[0][:4]
         changed = ", ".join(kind.removeprefix("modify_") for kind, *_ in difference)
@@ -33,8 +31,7 @@ def described(difference: Any) -> str | None:
     kind, *_, item = difference
     noun = kind.partition("_")[2]  # table, column, index, constraint, fk
     if noun == "column":
-        table = difference[2]
-        name = f"{table}.{item.name}"
+        table, name = difference[2], f"{difference[2]}.{item.name}"
     elif isinstance(item, sqlalchemy.Table):
         table = name = item.name
     elif isinstance(getattr(item, "table", None), sqlalchemy.Table):
@@ -43,11 +40,9 @@ def described(difference: Any) -> str | None:
         return f"{kind} on {difference[1]}"
     if kind.startswith("add_"):
         return f"{noun} {name}: in the models, not in the database"
-    return (
-        f"{noun} {name}: in the database, in no model"
-        if table in metadata.tables
-        else None
-    )
+    if table in metadata.tables:
+        return f"{noun} {name}: in the database, in no model"
+    return None
 
 
 def differences(connection: sqlalchemy.Connection) -> list[str]:
@@ -56,64 +51,56 @@ def differences(connection: sqlalchemy.Connection) -> list[str]:
     return [difference for difference in found if difference]
 
 
-# What differs between the models and the database at the head revision: compared
-# once per process, at start-up or by /health (20-50 ms of CPU, tests/benchmark.md).
+# Compared once per process: 20-50 ms of CPU (tests/benchmark.md).
 differences_at_head: list[str] | None = None
 
 
-async def database_revision() -> str | None:
+async def database_state() -> tuple[str | None, list[str]]:
+    """The database's revision and, at the head, how it differs from the models."""
+    global differences_at_head
     async with database.connection() as connection:
         revision: str | None = await connection.scalar(
             sqlalchemy.text("SELECT version_num FROM alembic_version")
         )
-    return revision
-
-
-async def models_differ() -> list[str]:
-    """How the models differ from the database, which is at the head revision; the
-    first time, a warning in the log that names each difference."""
-    global differences_at_head
-    if differences_at_head is None:
-        async with database.connection() as connection:
+        if revision != MIGRATIONS_HEAD:
+            return revision, []
+        if differences_at_head is None:
             differences_at_head = await connection.run_sync(differences)
-        if differences_at_head:
-            logger.warning(
-                "The models and the database differ: %s. %s",
-                "; ".join(differences_at_head),
-                MAKEMIGRATIONS,
-            )
-    return differences_at_head
+            if differences_at_head:
+                logger.warning(
+                    "The models and the database differ: %s. %s",
+                    "; ".join(differences_at_head),
+                    MAKEMIGRATIONS,
+                )
+    return revision, differences_at_head
 
 
 async def check_at_start() -> None:
-    """Warn in the log when the database is behind the migrations, or unlike the
-    models; the app starts all the same, and /health compares once the database answers."""
+    """Warn of a database behind or unlike the models; the app starts all the same."""
     try:
-        revision = await database_revision()
-        if revision == MIGRATIONS_HEAD:
-            await models_differ()
-        else:
-            logger.warning(
-                "The database is at revision %s, the migrations' head is %s:"
-                " run `pipenv run migrate`.",
-                revision,
-                MIGRATIONS_HEAD,
-            )
+        revision, _ = await database_state()
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as error:
         logger.warning("Models not compared with the database: %s", error)
+        return
+    if revision != MIGRATIONS_HEAD:
+        logger.warning(
+            "The database is at revision %s, the migrations' head is %s:"
+            " run `pipenv run migrate`.",
+            revision,
+            MIGRATIONS_HEAD,
+        )
 
 
 @router.get("/health")
 async def health() -> dict[str, str]:
-    """Check that the database answers, is migrated to the newest revision, and has
-    the tables and columns that the models have."""
+    """Whether the database answers, is at the newest revision and like the models."""
     try:
-        revision = await database_revision()
-        if revision != MIGRATIONS_HEAD:
-            raise unavailable("Database migrations are behind")
-        if await models_differ():
-            raise unavailable("The models and the database differ; see the log")
+        revision, differ = await database_state()
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as error:
         logger.error("health check failed: %s", error)
         raise unavailable() from None
+    if revision != MIGRATIONS_HEAD:
+        raise unavailable("Database migrations are behind")
+    if differ:
+        raise unavailable("The models and the database differ; see the log")
     return {"status": "ok", "revision": str(revision)}

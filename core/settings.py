@@ -1,6 +1,4 @@
-"""The service's settings: each one an environment variable of its name, or a line of
-the project's `.env`, typed and defaulted here. A bad value stops the start with a
-message that names the variable (and never quotes the value: it may be a password)."""
+"""The settings, from the environment or `.env`; a bad value stops the start."""
 
 from datetime import timedelta
 from pathlib import Path
@@ -19,38 +17,26 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# The async driver for each URL scheme we accept: hosting platforms hand out the sync
-# forms (postgres://, postgresql://, sqlite:///), and the app and alembic need async ones.
-ASYNC_DRIVERS = {
-    "postgres": "postgresql+asyncpg",
-    "postgresql": "postgresql+asyncpg",
-    "postgresql+asyncpg": "postgresql+asyncpg",
-    "sqlite": "sqlite+aiosqlite",
-    "sqlite+aiosqlite": "sqlite+aiosqlite",
-}
+# Hosting platforms hand out sync URLs (postgres://); the app needs async drivers.
+POSTGRESQL, SQLITE = "postgresql+asyncpg", "sqlite+aiosqlite"
+ASYNC_DRIVERS = {"postgres": POSTGRESQL, "postgresql": POSTGRESQL, "sqlite": SQLITE}
 
 
 def async_url(url: str) -> str:
     """The URL with the async driver installed here; ValueError for other drivers."""
     parsed = sqlalchemy.make_url(url)
-    driver = ASYNC_DRIVERS.get(parsed.drivername)
-    if driver is None:
-        backend = parsed.get_backend_name()
-        instead = ASYNC_DRIVERS.get(
-            backend, "postgresql+asyncpg:// or sqlite+aiosqlite"
-        )
+    driver = ASYNC_DRIVERS.get(parsed.get_backend_name())
+    if driver is None or parsed.drivername not in (parsed.get_backend_name(), driver):
+        instead = driver or f"{POSTGRESQL}:// or {SQLITE}"
         raise ValueError(
             f"{parsed.drivername}:// needs a driver this project does not install;"
             f" write {instead}:// instead"
         )
     parsed = parsed.set(drivername=driver)
     if "sslmode" in parsed.query:
-        # Platform URLs carry libpq's sslmode=...; asyncpg takes the same values as ssl=
-        # (and raises TypeError on sslmode).
-        sslmode = parsed.query["sslmode"]
-        parsed = parsed.difference_update_query(["sslmode"]).update_query_dict(
-            {"ssl": sslmode}
-        )
+        # asyncpg takes libpq's sslmode values as ssl= (and raises TypeError on sslmode).
+        ssl = {"ssl": parsed.query["sslmode"]}
+        parsed = parsed.difference_update_query(["sslmode"]).update_query_dict(ssl)
     return parsed.render_as_string(hide_password=False)
 
 
@@ -60,8 +46,7 @@ def words(value: object) -> object:
 
 
 def origin(value: str) -> str:
-    """scheme://host[:port], as browsers send it: no path, no user, no wildcard ("*"
-    would let any page use its visitors' browsers as log-in guessers)."""
+    """scheme://host[:port] as browsers send it ("*" lets any page guess log-ins)."""
     parts = urlsplit(value)
     parts.port  # noqa: B018  (raises ValueError for a port that is no number)
     if (
@@ -109,8 +94,7 @@ class Settings(BaseSettings):
     CORS_ORIGINS: Annotated[
         list[Annotated[str, AfterValidator(origin)]], NoDecode, Words
     ] = []
-    # Sign-ups, and password reset requests, per client address within a minute of each
-    # other (django-allauth's default); past it, a 429.
+    # Sign-ups, and reset requests, per client address a minute (django-allauth's).
     SIGN_UPS_AND_RESETS_PER_MINUTE: PositiveInt = 20
     # Proxies (addresses or networks) whose X-Forwarded-For names the client.
     TRUSTED_PROXIES: Annotated[list[IPvAnyNetwork], NoDecode, Words] = []
@@ -118,8 +102,7 @@ class Settings(BaseSettings):
     TOKEN_LIFETIME_HOURS: PositiveFloat = 24
     # Live log-ins (and devices) per account; a log-in past it ends the oldest.
     SESSIONS_PER_USER: PositiveInt = 10
-    # smtp://user:password@host:587 (STARTTLS if offered) or smtps://...; unset, mail is
-    # written to the output instead.
+    # smtp://user:password@host:587 (STARTTLS if offered) or smtps://; unset, printed.
     SMTP_URL: Annotated[str, url_of("smtp", "smtps")] = ""
     # The sender of the mail.
     MAIL_FROM: Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+$")] = "noreply@localhost"
