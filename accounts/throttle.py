@@ -204,16 +204,18 @@ async def check_password(
         if await Devices.objects.filter(digest=digest).exists() and user is not None:
             known = digest
     # Counted for the password the account has: a new one starts its counts afresh.
-    stored_hash = user.password if user else passwords.DUMMY_HASH
+    # An unknown account's key is the same in every worker (each has its own dummy).
+    counted = user.password if user else ""
     allowance = ("device", known) if known else (client, account)
-    mine = log_in_key(*allowance, stored_hash)
-    everyone = log_in_key("any client", account, stored_hash)
+    mine = log_in_key(*allowance, counted)
+    everyone = log_in_key("any client", account, counted)
 
     async def count() -> None:
         await count_log_in(mine, settings.LOG_IN_ATTEMPTS)
         if known is None:
             await count_log_in(everyone, settings.LOG_IN_ATTEMPTS_PER_ACCOUNT)
 
+    stored_hash = user.password if user else passwords.DUMMY_HASH
     valid, new_hash = await in_hashing_thread(
         client, passwords.verify_password, password, stored_hash, first=count
     )

@@ -120,6 +120,19 @@ async def test_an_unknown_email_is_throttled_exactly_like_a_real_one(
     )
 
 
+async def test_an_unknown_emails_guesses_count_alike_in_every_worker(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each worker process makes a dummy hash of its own: the count must not depend on it.
+    statuses = []
+    for i in range(LIMIT + 1):
+        other_worker = passwords.password_hash.hash(f"dummy-of-worker-{i}")
+        monkeypatch.setattr(passwords, "DUMMY_HASH", other_worker)
+        response = await client.post(TOKEN, data=form("nobody@example.com"))
+        statuses.append(response.status_code)
+    assert statuses == [401] * LIMIT + [429]
+
+
 @pytest.mark.usefixtures("no_pause")
 async def test_a_right_password_within_the_allowance_starts_the_count_again(
     client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
