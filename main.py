@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import accounts
-from accounts import mail
+from accounts import outbox
 from db import database, metadata
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as error:
         # The app starts all the same; /health compares once the database answers.
         logger.warning("Models not compared with the database: %s", error)
-    async with mail.open_outbox():  # mail goes out while the app runs
+    async with outbox.sending():  # mail goes out while the app runs
         yield
     if database.is_connected:
         await database.disconnect()

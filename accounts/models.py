@@ -1,5 +1,5 @@
 """The accounts' own tables, beside `Users` in db.py: sessions, log-in counts, devices,
-mailed links."""
+mailed links, the outbox."""
 
 from datetime import datetime
 
@@ -88,3 +88,30 @@ class Links(ormar.Model):
     )
     # Indexed: each new link deletes the expired ones, everyone's.
     expires_at: datetime = ormar.DateTime(timezone=True, index=True)
+
+
+class Mails(ormar.Model):
+    """The outbox: a mail to send, written in the transaction of the change that
+    causes it; a sender deletes it once the SMTP server took it. A link's token is
+    made as its mail is sent, so none is stored."""
+
+    ormar_config = BaseMeta.copy(tablename="mails")
+
+    id: int = ormar.Integer(primary_key=True)
+    kind: str = ormar.String(max_length=16)  # one of accounts.links.MAILS
+    email: str = ormar.String(max_length=Links.ormar_config.table.c.email.type.length)  # type: ignore[attr-defined]
+    # The account it is for, if the request knew it (an email change, a new account).
+    user: Users | None = ormar.ForeignKey(
+        Users,
+        name="user_id",
+        nullable=True,
+        ondelete=ormar.ReferentialAction.CASCADE,
+        related_name="mails",
+        index=True,
+    )
+    # Indexed: each new row deletes those past their lifetime, everyone's.
+    created_at: datetime = ormar.DateTime(timezone=True, index=True)
+    tries: int = ormar.Integer(default=0, nullable=False)
+    # Until then a sender holds it (a send under way), or the next try waits.
+    # Indexed: senders take the first due.
+    due_at: datetime = ormar.DateTime(timezone=True, index=True)

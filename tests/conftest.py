@@ -64,7 +64,7 @@ from cheap_hashing import CHEAP_DUMMY_HASH, CHEAP_HASH  # noqa: E402
 
 import main  # noqa: E402
 from accounts import passwords  # noqa: E402
-from accounts.models import LogInAttempts  # noqa: E402
+from accounts.models import LogInAttempts, Mails  # noqa: E402
 from accounts.schemas import UserRead  # noqa: E402
 from db import Users  # noqa: E402
 from support import (  # noqa: E402
@@ -180,6 +180,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
             transport=transport, base_url="http://test"
         ) as client:
             yield client
+        await Mails.objects.delete(each=True)  # none sent into the next test
 
 
 @pytest.fixture

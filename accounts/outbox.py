@@ -1,0 +1,152 @@
+"""The outbox: requests write each mail to send as a row, in the transaction of the
+change that causes it; a task that the app's lifespan runs sends them. Mail survives
+restarts and an SMTP server that is down; several workers and machines share the
+outbox, each row sent by one (twice at most after a crash, never zero times)."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+
+import aiosmtplib
+import anyio
+import sqlalchemy
+from sqlalchemy.dialects import postgresql, sqlite
+
+from accounts import links, mail
+from accounts.models import Links, Mails
+from db import Users, database
+
+logger = logging.getLogger(__name__)
+
+LEASE = timedelta(seconds=90)  # a sender holds a row this long: more than a send
+POLL = 1.0  # seconds between looks for rows that other processes wrote
+FIRST_RETRY, LAST_RETRY = 1.0, 300.0  # seconds; each retry waits twice the last
+woken: anyio.Event | None = None
+
+
+async def post(kind: str, email: str, user_id: int | None = None) -> None:
+    """Put a mail of `kind` (links.LINKS, links.NOTICES) to `email` in the outbox,
+    in the caller's transaction if there is one; rows past any lifetime go."""
+    mails = Mails.ormar_config.table
+    now = datetime.now(UTC)
+    row = {"kind": kind, "email": email, "user_id": user_id, "tries": 0}
+    async with database.get_query_executor() as executor:
+        stale = mails.c.created_at <= now - links.ADDRESS_LIFETIME
+        await executor.execute(mails.delete().where(stale))
+        await executor.execute(mails.insert().values(**row, created_at=now, due_at=now))
+    if woken is not None:
+        woken.set()
+
+
+async def sign_up(email: str, password: str, allowed: bool) -> None:
+    """A new, unverified account and, if `allowed`, its link in the outbox; for an
+    address with an account, a notice instead. The same statements for every
+    address. A stranger may have signed up first: an unverified account's links to
+    prove the address end, made or still in the outbox."""
+    users, link_rows = Users.ormar_config.table, Links.ormar_config.table
+    mails = Mails.ormar_config.table
+    now = datetime.now(UTC)
+    dialect = postgresql if database.dialect.name == "postgresql" else sqlite
+    account = dialect.insert(users).values(
+        email=email,
+        password=password,
+        is_active=True,
+        is_verified=False,
+        created_at=now,
+    )
+    account = account.on_conflict_do_nothing(index_elements=[users.c.email])
+    unverified = sqlalchemy.select(users.c.id).where(
+        users.c.email == email, ~users.c.is_verified
+    )
+    async with database.transaction(), database.connection() as connection:
+        created = (await connection.execute(account.returning(users.c.id))).scalar()
+        await connection.execute(
+            link_rows.delete().where(
+                link_rows.c.user_id.in_(unverified), link_rows.c.purpose == "verify"
+            )
+        )
+        earlier = mails.update().where(mails.c.kind == "verify", mails.c.email == email)
+        await connection.execute(earlier.values(user_id=None))  # a notice now
+        if allowed:
+            await post("verify", email, created)
+    # Unverified accounts past their links' lifetime and tries, everyone's.
+    expired = sqlalchemy.exists().where(link_rows.c.user_id == users.c.id)
+    async with database.get_query_executor() as executor:
+        await executor.execute(
+            users.delete().where(
+                ~users.c.is_verified,
+                users.c.created_at <= now - 2 * links.ADDRESS_LIFETIME,
+                ~expired,
+            )
+        )
+
+
+async def send_next() -> bool:
+    """Take the next mail that is due, and try to send it; whether there was one."""
+    mails, link_rows = Mails.ormar_config.table, Links.ormar_config.table
+    now = datetime.now(UTC)
+    held = now + LEASE  # also tells this claim from a later one
+    due = sqlalchemy.select(mails.c.id).where(mails.c.due_at <= now)
+    due = due.order_by(mails.c.due_at).limit(1).with_for_update(skip_locked=True)
+    claim = mails.update().where(mails.c.id == due.scalar_subquery())
+    async with database.get_query_executor() as executor:
+        row = await executor.fetch_one(claim.values(due_at=held).returning(*mails.c))
+    if row is None:
+        return False
+    mine = (mails.c.id == row["id"]) & (mails.c.due_at == held)
+    done: sqlalchemy.Delete | sqlalchemy.Update = mails.delete().where(mine)
+    created = row["created_at"].replace(tzinfo=row["created_at"].tzinfo or UTC)
+    tries = row["tries"] + 1
+    retry = timedelta(seconds=min(FIRST_RETRY * 2 ** (tries - 1), LAST_RETRY))
+    # Tried while its link would live (from the request on).
+    given_up = now + retry >= created + links.lifetime(row["kind"])
+    message, digest = await links.compose(row, held)
+    try:
+        await mail.send(message)
+    except (aiosmtplib.SMTPException, OSError) as error:
+        logger.error(  # never the message: it may hold a token
+            "Mail %s (%s) not sent, try %d, %s: %s",
+            row["id"],
+            row["kind"],
+            tries,
+            "given up" if given_up else f"next in {retry.total_seconds():g} s",
+            error,
+        )
+        if not given_up:
+            done = mails.update().where(mine).values(tries=tries, due_at=now + retry)
+        async with database.get_query_executor() as executor:
+            await executor.execute(
+                link_rows.delete().where(link_rows.c.digest == digest)
+            )
+    async with database.get_query_executor() as executor:
+        await executor.execute(done)
+    return True
+
+
+async def send_all() -> None:
+    """Send what is due, then wait for a row (`post`) or POLL seconds; for ever."""
+    global woken
+    pause = POLL
+    while True:
+        woken = anyio.Event()
+        try:
+            while await send_next():
+                pass
+        except Exception:  # the database is down, say: the rows wait for it
+            logger.exception("The outbox could not be read")
+        with anyio.move_on_after(pause):
+            await woken.wait()
+        # A row posted in a transaction shows once that commits: soon after.
+        pause = 0.05 if woken.is_set() else min(2 * pause, POLL)
+
+
+@asynccontextmanager
+async def sending() -> AsyncIterator[None]:
+    """Send the outbox's mail while the app runs (the lifespan opens it)."""
+    if not mail.SMTP_URL:
+        logger.warning("SMTP_URL is not set: mail is written here, not sent")
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(send_all)
+        yield
+        tasks.cancel_scope.cancel()
