@@ -39,6 +39,17 @@ async def post(kind: str, email: str, user_id: int | None = None) -> None:
         woken.set()
 
 
+async def end_links(user_id: int, email: str) -> None:
+    """End the account's links: those made, and those still in the outbox."""
+    mails, link_rows = Mails.ormar_config.table, Links.ormar_config.table
+    reset = (mails.c.kind == "reset") & (mails.c.email == email)
+    async with database.get_query_executor() as executor:
+        await executor.execute(link_rows.delete().where(link_rows.c.user_id == user_id))
+        await executor.execute(
+            mails.delete().where((mails.c.user_id == user_id) | reset)
+        )
+
+
 async def sign_up(email: str, password: str, allowed: bool) -> None:
     """A new, unverified account and, if `allowed`, its link in the outbox; for an
     address with an account, a notice instead. The same statements for every

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from accounts import links, outbox, passwords, sessions, throttle
-from accounts.models import Devices, Links, Mails, Tokens
+from accounts.models import Devices, Tokens
 from accounts.schemas import (
     CREDENTIALS,
     EmailVerification,
@@ -112,8 +112,7 @@ async def verify_email(body: EmailVerification) -> None:
         if not proven:
             raise BAD_LINK
         if link["email"] != user.email:  # the old address's links go with it
-            for table in (Links, Mails):
-                await table.objects.filter(user=user.id).delete()
+            await outbox.end_links(user.id, user.email)
             await outbox.post("moved", user.email)
 
 
@@ -144,8 +143,9 @@ async def reset_password(body: PasswordReset, client: ClientAddress) -> None:
         user = link["user_id"]
         await Users.objects.filter(id=user).update(password=password, is_verified=True)
         # A stranger's password, sessions and links from before do not survive it.
-        for table in (Tokens, Devices, Links, Mails):
+        for table in (Tokens, Devices):
             await table.objects.filter(user=user).delete()
+        await outbox.end_links(user, link["email"])
         await outbox.post("password", link["email"])
 
 
@@ -255,8 +255,7 @@ async def update_me(
             await Tokens.objects.filter(user=me.id).exclude(digest=digest).delete()
             mine = throttle.device_digest(device, me.id) if device else None
             await Devices.objects.filter(user=me.id).exclude(digest=mine).delete()
-            for table in (Links, Mails):
-                await table.objects.filter(user=me.id).delete()
+            await outbox.end_links(me.id, me.email)
             await outbox.post("password", me.email)
     me.update_from_dict(changes)
     if email is not None:  # a link, or if the address is taken a notice
