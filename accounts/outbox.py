@@ -82,13 +82,15 @@ async def sign_up(email: str, password: str, allowed: bool) -> None:
         if allowed:
             await post("verify", email, created)
     # Unverified accounts past their links' lifetime and tries, everyone's.
-    expired = sqlalchemy.exists().where(link_rows.c.user_id == users.c.id)
+    live = sqlalchemy.exists().where(
+        link_rows.c.user_id == users.c.id, link_rows.c.expires_at > now
+    )
     async with database.get_query_executor() as executor:
         await executor.execute(
             users.delete().where(
                 ~users.c.is_verified,
                 users.c.created_at <= now - 2 * links.ADDRESS_LIFETIME,
-                ~expired,
+                ~live,
             )
         )
 

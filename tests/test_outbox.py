@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -22,8 +23,8 @@ from aiosmtpd.controller import Controller
 from sqlalchemy.ext.asyncio import create_async_engine
 from test_throttle import SERVE_OPTIONS
 
-from accounts import mail, outbox, passwords
-from accounts.models import Mails
+from accounts import links, mail, outbox, passwords
+from accounts.models import Links, Mails
 from db import Users, database
 from main import app
 from support import (
@@ -116,6 +117,49 @@ async def test_a_strangers_sign_up_still_in_the_outbox_sends_no_link_after_the_o
     assert {m["Subject"] for m in mailed} == {
         "Someone tried to sign up with your address"
     }
+
+
+# Pruning ----------------------------------------------------------------------------
+
+
+async def test_a_sign_up_removes_unverified_accounts_past_their_links_and_no_id_returns(
+    client: httpx.AsyncClient, sign_up: SignUp
+) -> None:
+    body = {"email": "late@example.com", "password": PASSWORD}
+    assert (await client.post(USERS, json=body)).status_code == 202
+    await MAILBOX.arrived("late@example.com", 1)
+    await sign_up("kept@example.com")  # verified: kept, however old
+    late = await Users.objects.get(email="late@example.com")
+    long_ago = datetime.now(UTC) - 2 * links.ADDRESS_LIFETIME
+    await Users.objects.update(each=True, created_at=long_ago)
+    await Links.objects.update(each=True, expires_at=datetime.now(UTC))
+
+    await sign_up("new@example.com")
+    assert await Users.objects.filter(email="late@example.com").count() == 0
+    assert await Users.objects.filter(email="kept@example.com").count() == 1
+    assert (await client.post(USERS, json=body)).status_code == 202
+    again = await Users.objects.get(email="late@example.com")
+    newest = await Users.objects.get(email="new@example.com")
+    assert again.id > newest.id > late.id
+
+
+async def test_a_mail_posted_removes_those_past_any_lifetime(
+    client: httpx.AsyncClient,
+) -> None:
+    long_ago = datetime.now(UTC) - links.ADDRESS_LIFETIME
+    later = datetime.now(UTC) + timedelta(hours=1)  # not tried meanwhile
+    await Mails.objects.create(
+        kind="password", email="old@example.com", created_at=long_ago, due_at=later
+    )
+    await Mails.objects.create(
+        kind="password",
+        email="kept@example.com",
+        created_at=datetime.now(UTC),
+        due_at=later,
+    )
+    assert (await client.post(RESET, json={"email": "new@example.com"})).is_success
+    await MAILBOX.arrived("new@example.com", 1)
+    assert [m.email for m in await Mails.objects.all()] == ["kept@example.com"]
 
 
 # Sending --------------------------------------------------------------------------
@@ -231,6 +275,10 @@ async def test_a_sign_up_answered_before_a_sigkill_is_mailed_after_a_restart(
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             body = {"email": "ann@example.com", "password": PASSWORD}
             assert (await client.post(USERS, json=body)).status_code == 202
+        # Killed between tries (one under way would hold the row for outbox.LEASE).
+        with anyio.fail_after(30):
+            while "(verify) not sent, try 1" not in server.log():
+                await anyio.sleep(0.01)
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait()
     smtp = Controller(MAILBOX, hostname="127.0.0.1", port=port)
