@@ -119,7 +119,7 @@ async def verify_email(body: EmailVerification) -> None:
 @router.post("/auth/password-reset", status_code=status.HTTP_202_ACCEPTED)
 async def request_password_reset(body: PasswordResetRequest) -> Message:
     """Mail a link to choose a new password (for `POST /auth/password-reset/confirm`)
-    if the address has an account."""
+    if the address has an account; if not, a notice that no account has it."""
     if await links.within_cap("reset", body.email):  # a link, or a notice
         await outbox.post("reset", body.email)
     return RESET_REQUESTED

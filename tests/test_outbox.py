@@ -190,12 +190,14 @@ def statements_run() -> Iterator[list[str]]:
     sender's looks for mail that is due, of which there are more when the machine
     is slow."""
     run: list[str] = []
+    tables = ("INSERT", "UPDATE", "DELETE", "SELECT users", "SELECT mails", "WITH")
     claim = str(
         sqlalchemy.select(Mails.ormar_config.table.c.id).compile(database.engine)
     )
 
     def noted(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if claim not in statement:
+        # Not a connection's set-up, nor the test's own counting.
+        if statement.startswith(tables) and claim not in statement:
             run.append(statement)
 
     engine = database.engine.sync_engine
