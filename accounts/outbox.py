@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 LEASE = timedelta(seconds=90)  # a sender holds a row this long: more than a send
 POLL = 1.0  # seconds between looks for rows that other processes wrote
 FIRST_RETRY, LAST_RETRY = 1.0, 300.0  # seconds; each retry waits twice the last
+SHUTDOWN_GRACE = 5.0  # seconds a send under way gets to finish at shutdown
 woken: anyio.Event | None = None
+stopping = False
 
 
 async def post(kind: str, email: str, user_id: int | None = None) -> None:
@@ -138,13 +140,13 @@ async def send_next() -> bool:
 
 
 async def send_all() -> None:
-    """Send what is due, then wait for a row (`post`) or POLL seconds; for ever."""
+    """Send what is due, then wait for a row (`post`) or POLL seconds; until stopped."""
     global woken
     pause = POLL
-    while True:
+    while not stopping:
         woken = anyio.Event()
         try:
-            while await send_next():
+            while not stopping and await send_next():
                 pass
         except Exception:  # the database is down, say: the rows wait for it
             logger.exception("The outbox could not be read")
@@ -157,9 +159,15 @@ async def send_all() -> None:
 @asynccontextmanager
 async def sending() -> AsyncIterator[None]:
     """Send the outbox's mail while the app runs (the lifespan opens it)."""
+    global stopping
     if not mail.SMTP_URL:
         logger.warning("SMTP_URL is not set: mail is written here, not sent")
+    stopping = False
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(send_all)
         yield
-        tasks.cancel_scope.cancel()
+        # Stopped between two rows: a query cut off could hold up the shutdown.
+        stopping = True
+        tasks.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_GRACE
+        if woken is not None:
+            woken.set()
