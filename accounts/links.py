@@ -90,11 +90,11 @@ def lifetime(kind: str) -> timedelta:
     return RESET_LIFETIME if kind == "reset" else ADDRESS_LIFETIME
 
 
-async def made_link(mail_row: RowMapping, held: datetime, digest: str) -> bool:
-    """Store a link for the outbox's row, if it still is the sender's (`held`) and
-    the account it is for is as it should be: a sign-up's new account, the
-    address's account for a reset, for an email change no account at the address.
-    One statement; PostgreSQL: a change in progress commits before this reads."""
+async def made_link(mail_row: RowMapping, held: datetime, digest: str) -> bool | None:
+    """Store a link for the outbox's row if the account it is for is as it should
+    be: a sign-up's new account, the address's account for a reset, for an email
+    change no account at the address. None if the row is no longer the sender's
+    (`held`): a change ended it. Its lock keeps such a change waiting meanwhile."""
     users, links, mails = (m.ormar_config.table for m in (Users, Links, Mails))
     now = datetime.now(UTC)
     taken = sqlalchemy.alias(users)
@@ -109,26 +109,36 @@ async def made_link(mail_row: RowMapping, held: datetime, digest: str) -> bool:
         "purpose": mail_row["kind"],
         "expires_at": now + lifetime(mail_row["kind"]),
     }
+    mine = (mails.c.id == mail_row["id"]) & (mails.c.due_at == held)
     select = sqlalchemy.select(
         users.c.id,
         mails.c.email,
         *(sqlalchemy.literal(v, links.c[k].type) for k, v in values.items()),
-    ).where(mails.c.id == mail_row["id"], mails.c.due_at == held, account)
+    ).where(mine, account)
     insert = links.insert().from_select(
         ["user_id", "email", *values], select.with_for_update(read=True)
     )
-    async with database.get_query_executor() as executor:
-        await executor.execute(links.delete().where(links.c.expires_at <= now))
-        return await executor.fetch_one(insert.returning(links.c.digest)) is not None
+    async with database.transaction(), database.connection() as connection:
+        tried = mails.update().where(mine).values(tries=mails.c.tries + 1)
+        if not (await connection.execute(tried)).rowcount:
+            return None
+        await connection.execute(links.delete().where(links.c.expires_at <= now))
+        return (await connection.execute(insert)).rowcount == 1
 
 
-async def compose(mail_row: RowMapping, held: datetime) -> tuple[EmailMessage, str]:
+async def compose(
+    mail_row: RowMapping, held: datetime
+) -> tuple[EmailMessage, str] | None:
     """The message for one of the outbox's rows, and its link's digest ("" for a
-    notice). A link is made now: its token is in the message only."""
+    notice); None if a change ended it. A link is made now: its token is in the
+    message only."""
     kind, site = mail_row["kind"], mail.PUBLIC_URL
     token = secrets.token_urlsafe(32)  # 256 random bits
     digest = token_digest(token)
-    if kind in LINKS and await made_link(mail_row, held, digest):
+    made = await made_link(mail_row, held, digest) if kind in LINKS else False
+    if made is None:
+        return None
+    if made:
         subject, text = LINKS[kind]
         url = f"{site}/{PAGES[kind]}#token={token}"
         hours = lifetime(kind) // timedelta(hours=1)

@@ -46,10 +46,11 @@ async def end_links(user_id: int, email: str) -> None:
     mails, link_rows = Mails.ormar_config.table, Links.ormar_config.table
     reset = (mails.c.kind == "reset") & (mails.c.email == email)
     async with database.get_query_executor() as executor:
-        await executor.execute(link_rows.delete().where(link_rows.c.user_id == user_id))
+        # The rows first: a link being made for one is then in before the next.
         await executor.execute(
             mails.delete().where((mails.c.user_id == user_id) | reset)
         )
+        await executor.execute(link_rows.delete().where(link_rows.c.user_id == user_id))
 
 
 async def sign_up(email: str, password: str, allowed: bool) -> None:
@@ -116,7 +117,10 @@ async def send_next() -> bool:
     retry = timedelta(seconds=min(FIRST_RETRY * 2 ** (tries - 1), LAST_RETRY))
     # Tried while its link would live (from the request on).
     given_up = now + retry >= created + links.lifetime(row["kind"])
-    message, digest = await links.compose(row, held)
+    composed = await links.compose(row, held)
+    if composed is None:  # ended meanwhile, by a password change say
+        return True
+    message, digest = composed
     try:
         await mail.send(message)
     except (aiosmtplib.SMTPException, OSError) as error:
