@@ -75,13 +75,14 @@ async def sign_up(email: str, password: str, allowed: bool) -> None:
     )
     async with database.transaction(), database.connection() as connection:
         created = (await connection.execute(account.returning(users.c.id))).scalar()
+        # The rows first: a link being made for one is then in before the next.
+        earlier = mails.update().where(mails.c.kind == "verify", mails.c.email == email)
+        await connection.execute(earlier.values(user_id=None))  # a notice now
         await connection.execute(
             link_rows.delete().where(
                 link_rows.c.user_id.in_(unverified), link_rows.c.purpose == "verify"
             )
         )
-        earlier = mails.update().where(mails.c.kind == "verify", mails.c.email == email)
-        await connection.execute(earlier.values(user_id=None))  # a notice now
         if allowed:
             await post("verify", email, created)
     # Unverified accounts past their links' lifetime and tries, everyone's.
