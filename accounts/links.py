@@ -94,7 +94,8 @@ async def made_link(mail_row: RowMapping, held: datetime, digest: str) -> bool |
     """Store a link for the outbox's row if the account it is for is as it should
     be: a sign-up's new account, the address's account for a reset, for an email
     change no account at the address. None if the row is no longer the sender's
-    (`held`): a change ended it. Its lock keeps such a change waiting meanwhile."""
+    (`held`): a change ended it. Its lock keeps such a change (which deletes the
+    row before the links) waiting meanwhile; no other lock is taken."""
     users, links, mails = (m.ormar_config.table for m in (Users, Links, Mails))
     now = datetime.now(UTC)
     taken = sqlalchemy.alias(users)
@@ -115,9 +116,7 @@ async def made_link(mail_row: RowMapping, held: datetime, digest: str) -> bool |
         mails.c.email,
         *(sqlalchemy.literal(v, links.c[k].type) for k, v in values.items()),
     ).where(mine, account)
-    insert = links.insert().from_select(
-        ["user_id", "email", *values], select.with_for_update(read=True)
-    )
+    insert = links.insert().from_select(["user_id", "email", *values], select)
     async with database.transaction(), database.connection() as connection:
         tried = mails.update().where(mine).values(tries=mails.c.tries + 1)
         if not (await connection.execute(tried)).rowcount:

@@ -101,6 +101,8 @@ async def verify_email(body: EmailVerification) -> None:
             raise BAD_LINK
         # A sign-up's link proves the address the account has; a change's, the new.
         current = link["email"] if link["purpose"] == "verify" else user.email
+        if link["email"] != user.email:  # the old address's links go with it
+            await outbox.end_links(user.id, user.email)
         try:
             proven = await Users.objects.filter(id=user.id, email=current).update(
                 email=link["email"], is_verified=True
@@ -111,8 +113,7 @@ async def verify_email(body: EmailVerification) -> None:
             proven = 0
         if not proven:
             raise BAD_LINK
-        if link["email"] != user.email:  # the old address's links go with it
-            await outbox.end_links(user.id, user.email)
+        if link["email"] != user.email:
             await outbox.post("moved", user.email)
 
 
