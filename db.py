@@ -8,45 +8,9 @@ from typing import Any
 import ormar
 import sqlalchemy
 
-# The async driver for each URL scheme we accept: hosting platforms hand out the sync
-# forms (postgres://, postgresql://, sqlite:///), and the app and alembic need async ones.
-ASYNC_DRIVERS = {
-    "postgres": "postgresql+asyncpg",
-    "postgresql": "postgresql+asyncpg",
-    "postgresql+asyncpg": "postgresql+asyncpg",
-    "sqlite": "sqlite+aiosqlite",
-    "sqlite+aiosqlite": "sqlite+aiosqlite",
-}
+from core.settings import settings
 
-
-def async_url(url: str) -> str:
-    """The URL with the async driver installed here; ValueError for other drivers."""
-    parsed = sqlalchemy.make_url(url)
-    driver = ASYNC_DRIVERS.get(parsed.drivername)
-    if driver is None:
-        backend = parsed.get_backend_name()
-        instead = ASYNC_DRIVERS.get(
-            backend, "postgresql+asyncpg:// or sqlite+aiosqlite"
-        )
-        raise ValueError(
-            f"DATABASE_URL: {parsed.drivername}:// needs a driver this project does "
-            f"not install; write {instead}:// instead"
-        )
-    parsed = parsed.set(drivername=driver)
-    if "sslmode" in parsed.query:
-        # Platform URLs carry libpq's sslmode=...; SQLAlchemy passes query parameters
-        # to asyncpg.connect() as they are, which takes the same values as ssl=...
-        # and raises TypeError on sslmode.
-        sslmode = parsed.query["sslmode"]
-        parsed = parsed.difference_update_query(["sslmode"]).update_query_dict(
-            {"ssl": sslmode}
-        )
-    return parsed.render_as_string(hide_password=False)
-
-
-DATABASE_URL = async_url(
-    os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///db.sqlite")
-)
+DATABASE_URL = settings.DATABASE_URL
 
 if DATABASE_URL.startswith("sqlite"):
     # The file holds emails and password hashes: create it readable by its owner only
@@ -68,8 +32,8 @@ if DATABASE_URL.startswith("sqlite"):
 else:
     engine_options = {
         # A fixed-size pool: overflow connections are opened and closed per request.
-        "pool_size": int(os.environ.get("DATABASE_POOL_SIZE", "20")),
-        "max_overflow": int(os.environ.get("DATABASE_MAX_OVERFLOW", "0")),
+        "pool_size": settings.DATABASE_POOL_SIZE,
+        "max_overflow": settings.DATABASE_MAX_OVERFLOW,
         # asyncpg waits 60 s for a server that drops packets; answer 503 sooner.
         "connect_args": {"timeout": 5},
     }

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from accounts import mail, throttle
 from accounts.models import Links, Mails
 from accounts.sessions import token_digest
+from core.settings import settings
 from db import Users, database
 
 RESET_LIFETIME = timedelta(hours=1)
@@ -131,7 +132,7 @@ async def compose(
     """The message for one of the outbox's rows, and its link's digest ("" for a
     notice); None if a change ended it. A link is made now: its token is in the
     message only."""
-    kind, site = mail_row["kind"], mail.PUBLIC_URL
+    kind, site = mail_row["kind"], settings.PUBLIC_URL
     token = secrets.token_urlsafe(32)  # 256 random bits
     digest = token_digest(token)
     made = await made_link(mail_row, held, digest) if kind in LINKS else False

@@ -15,6 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from accounts import links, mail
 from accounts.models import Links, Mails
+from core.settings import settings
 from db import Users, database
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ async def send_all() -> None:
 async def sending() -> AsyncIterator[None]:
     """Send the outbox's mail while the app runs (the lifespan opens it)."""
     global stopping
-    if not mail.SMTP_URL:
+    if not settings.SMTP_URL:
         logger.warning("SMTP_URL is not set: mail is written here, not sent")
     stopping = False
     async with anyio.create_task_group() as tasks:

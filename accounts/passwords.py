@@ -8,6 +8,8 @@ import anyio
 from pwdlib import PasswordHash
 from pwdlib.exceptions import UnknownHashError
 
+from core.settings import settings
+
 
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity mask, capped by a cgroup quota.
@@ -27,11 +29,11 @@ def usable_cpus() -> int:
 
 
 # argon2 takes ~0.1 s of CPU and 64 MiB per hash: leave a core to the event loop.
-HASHING_THREADS = int(
-    os.environ.get("PASSWORD_HASHING_THREADS") or max(1, usable_cpus() - 1)
-)
+HASHING_THREADS = settings.PASSWORD_HASHING_THREADS or max(1, usable_cpus() - 1)
 hashing_limiter = anyio.CapacityLimiter(HASHING_THREADS)
 password_hash = PasswordHash.recommended()  # argon2id
+# The most characters a password may have, new or checked: it bounds a hash's work.
+MAX_LENGTH = 128
 # Verified for unknown emails, so that they cost what a real account costs.
 DUMMY_HASH = password_hash.hash(secrets.token_urlsafe())
 

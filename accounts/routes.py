@@ -77,6 +77,7 @@ async def changed_meanwhile(user: Users) -> HTTPException:
 async def create_user(body: UserCreate, client: ClientAddress) -> Message:
     """Sign up: the address is mailed a link that proves it (for
     `POST /auth/verify-email`), or, if it has an account, a notice."""
+    await throttle.count_request("sign-up", client)  # before any hashing
     # One hash for every address: the hashing queue's 429 and 503 apply alike.
     password = await throttle.in_hashing_thread(
         client, passwords.hash_password, body.password
@@ -117,10 +118,15 @@ async def verify_email(body: EmailVerification) -> None:
             await outbox.post("moved", user.email)
 
 
-@router.post("/auth/password-reset", status_code=status.HTTP_202_ACCEPTED)
-async def request_password_reset(body: PasswordResetRequest) -> Message:
+@router.post(
+    "/auth/password-reset", status_code=status.HTTP_202_ACCEPTED, responses=TOO_MANY
+)
+async def request_password_reset(
+    body: PasswordResetRequest, client: ClientAddress
+) -> Message:
     """Mail a link to choose a new password (for `POST /auth/password-reset/confirm`)
     if the address has an account; if not, a notice that no account has it."""
+    await throttle.count_request("password reset", client)
     if await links.within_cap("reset", body.email):  # a link, or a notice
         await outbox.post("reset", body.email)
     return RESET_REQUESTED
@@ -131,9 +137,11 @@ async def request_password_reset(body: PasswordResetRequest) -> Message:
     status_code=status.HTTP_204_NO_CONTENT,
     responses={**LINK_ANSWERS, **TOO_MANY},
 )
-async def reset_password(body: PasswordReset, client: ClientAddress) -> None:
-    """Set a new password with a reset link's token. Every session and device ends,
-    and the address is proven; log in afterwards."""
+async def reset_password(
+    body: PasswordReset, client: ClientAddress, request: Request, response: Response
+) -> None:
+    """Set a new password with a reset link's token. Every session and device ends
+    but this client, which logs in as the account's device; the address is proven."""
     password = await throttle.in_hashing_thread(
         client, passwords.hash_password, body.password
     )
@@ -146,6 +154,7 @@ async def reset_password(body: PasswordReset, client: ClientAddress) -> None:
         # A stranger's password, sessions and links from before do not survive it.
         for table in (Tokens, Devices):
             await table.objects.filter(user=user).delete()
+        await throttle.add_device(request, response, user)
         await outbox.end_links(user, link["email"])
         await outbox.post("password", link["email"])
 

@@ -10,21 +10,22 @@ from pydantic import (
     EmailStr,
     Field,
     TypeAdapter,
-    ValidationInfo,
     create_model,
-    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 from zxcvbn.frequency_lists import FREQUENCY_LISTS
 
+from accounts import passwords
 from db import Users
 
 # Emails are compared lower-cased: Alice@Example.COM and alice@example.com are one
 # account. Their length is the column's, from the model.
 EMAIL_LENGTH = cast(sqlalchemy.String, Users.ormar_config.table.c.email.type).length
 Email = Annotated[EmailStr, AfterValidator(str.lower), Field(max_length=EMAIL_LENGTH)]
-Password = Annotated[str, Field(min_length=8, max_length=128)]
+Password = Annotated[str, Field(min_length=8, max_length=passwords.MAX_LENGTH)]
+# The account's password, checked as it is: the rules for a new one may have changed.
+CurrentPassword = Annotated[str, Field(max_length=passwords.MAX_LENGTH)]
 email_address = TypeAdapter(Email)
 # zxcvbn's list of the 30,000 passwords most often found in leaks, lower-cased.
 COMMON_PASSWORDS = frozenset(FREQUENCY_LISTS["passwords"])
@@ -58,22 +59,10 @@ class UserUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # `is_active` and typos are a 422
 
-    email: Email | None = None
-    password: NewPassword | None = None
-    current_password: Password | None = None
-
-    @field_validator("*")
-    @classmethod
-    def null_only_where_the_column_takes_it(
-        cls, value: object, info: ValidationInfo
-    ) -> object:
-        # Runs on the fields sent: null for a NOT NULL column (the email) is a 422.
-        field = Users.ormar_config.model_fields.get(info.field_name or "")
-        if value is None and field is not None and not field.nullable:
-            raise PydanticCustomError(
-                "null_not_allowed", "This field cannot be cleared; leave it out"
-            )
-        return value
+    # Left out, None; never null (a 422): their columns are NOT NULL.
+    email: Annotated[Email, Field(default=None)]
+    password: Annotated[NewPassword, Field(default=None)]
+    current_password: CurrentPassword | None = None
 
     @model_validator(mode="after")
     def current_password_for_credentials(self) -> Self:
@@ -87,7 +76,7 @@ class UserUpdate(BaseModel):
 
 
 class UserDelete(BaseModel):
-    current_password: Password
+    current_password: CurrentPassword
 
 
 # A mailed link's token: 43 characters as issued; longer ones are no token.

@@ -1,8 +1,7 @@
 """Log-in sessions: random bearer tokens, stored as digests, and the current user."""
 
 import hashlib
-import os
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated
 
 import sqlalchemy
@@ -11,11 +10,8 @@ from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.dialects import postgresql, sqlite
 
 from accounts.models import Devices, Tokens
+from core.settings import settings
 from db import Users, database
-
-TOKEN_LIFETIME = timedelta(hours=float(os.environ.get("TOKEN_LIFETIME_HOURS", "24")))
-# Live sessions per account; a log-in past the bound ends the oldest.
-SESSIONS_PER_USER = int(os.environ.get("SESSIONS_PER_USER", "10"))
 
 NOT_AUTHENTICATED = HTTPException(
     status.HTTP_401_UNAUTHORIZED,
@@ -86,7 +82,7 @@ async def start_session(
         users.c.id,
         sqlalchemy.literal(digest, tokens.c.digest.type),
         sqlalchemy.literal(now, tokens.c.created_at.type),
-        sqlalchemy.literal(now + TOKEN_LIFETIME, tokens.c.expires_at.type),
+        sqlalchemy.literal(now + settings.TOKEN_LIFETIME, tokens.c.expires_at.type),
     ).where(
         users.c.id == user_id,
         users.c.password == verified_hash,
@@ -100,7 +96,7 @@ async def start_session(
         sqlalchemy.select(tokens.c.digest)
         .where(tokens.c.user_id == user_id)
         .order_by(tokens.c.created_at.desc())
-        .limit(SESSIONS_PER_USER)
+        .limit(settings.SESSIONS_PER_USER)
     )
     async with database.transaction(), database.connection() as connection:
         inserted = await connection.execute(
@@ -129,7 +125,7 @@ async def start_session(
                 sqlalchemy.select(devices.c.digest)
                 .where(devices.c.user_id == user_id)
                 .order_by(devices.c.last_used_at.desc())
-                .limit(SESSIONS_PER_USER)
+                .limit(settings.SESSIONS_PER_USER)
             )
             await connection.execute(
                 devices.delete().where(

@@ -6,7 +6,6 @@ import hashlib
 import ipaddress
 import json
 import math
-import os
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -21,23 +20,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from accounts import passwords
 from accounts.models import Devices, LogInAttempts
 from accounts.passwords import hashing_limiter
+from core.settings import settings
 from db import Users, database
 
-# Sign-ups and log-ins waiting for a hashing thread; past this they get a 503 at once.
-HASHING_QUEUE = int(os.environ.get("PASSWORD_HASHING_QUEUE", "32"))
-# Of those, how many one client address may have waiting or running; past it, a 429.
-HASHING_SHARE = int(os.environ.get("PASSWORD_HASHING_SHARE", "4"))
-# Password checks per account and client (address, or device) that may come within
-# LOG_IN_PERIOD of each other; past that, a 429 until a period after the last one.
-LOG_IN_ATTEMPTS = int(os.environ.get("LOG_IN_ATTEMPTS", "10"))
-# The same, per account, for every client without the account's device cookie together.
-LOG_IN_ATTEMPTS_PER_ACCOUNT = int(os.environ.get("LOG_IN_ATTEMPTS_PER_ACCOUNT", "100"))
-LOG_IN_PERIOD = timedelta(minutes=float(os.environ.get("LOG_IN_PERIOD_MINUTES", "15")))
-# Proxies (addresses or networks) whose X-Forwarded-For is believed; none by default.
-TRUSTED_PROXIES = [
-    ipaddress.ip_network(proxy, strict=False)
-    for proxy in os.environ.get("TRUSTED_PROXIES", "").replace(",", " ").split()
-]
+# SIGN_UPS_AND_RESETS_PER_MINUTE's period.
+CLIENT_PERIOD = timedelta(minutes=1)
 DEVICE_COOKIE = "device"
 # Seconds a 429 waits before it is sent: a client that ignores Retry-After then costs
 # one request a second per connection, not hundreds (tests/benchmark.md).
@@ -68,7 +55,9 @@ def parsed_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
 
 def trusted(host: str) -> bool:
     address = parsed_address(host)
-    return address is not None and any(address in net for net in TRUSTED_PROXIES)
+    return address is not None and any(
+        address in net for net in settings.TRUSTED_PROXIES
+    )
 
 
 async def client_address(request: Request) -> str:
@@ -112,13 +101,13 @@ async def in_hashing_thread(
     before `first` runs: a flood from one address writes nothing and keeps no one else
     waiting for long.
     """
-    if hashing_limiter.statistics().tasks_waiting >= HASHING_QUEUE:
+    if hashing_limiter.statistics().tasks_waiting >= settings.PASSWORD_HASHING_QUEUE:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             "Too many sign-ups and log-ins at once; retry shortly",
             headers={"Retry-After": "1"},
         )
-    if hashing_places[client] >= HASHING_SHARE:
+    if hashing_places[client] >= settings.PASSWORD_HASHING_SHARE:
         await anyio.sleep(REFUSAL_PAUSE)
         raise too_many_requests("Too many sign-ups and log-ins from your address")
     hashing_places[client] += 1
@@ -138,17 +127,19 @@ def log_in_key(*parts: str) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-async def count_attempt(key: str, limit: int) -> tuple[bool, datetime]:
+async def count_attempt(
+    key: str, limit: int, period: timedelta | None = None
+) -> tuple[bool, datetime]:
     """Count an attempt on `key`: whether it is within `limit`, and when the last one
-    let through was.
+    let through was. Counts end a `period` (LOG_IN_PERIOD) after that.
 
     One statement counts and reads the count, so concurrent attempts cannot pass the
     bound together. A refused attempt does not move the time on: the count ends a
-    period after the last one let through.
+    period after the last one let through. Deletes counts whose period is over first.
     """
     table = LogInAttempts.ormar_config.table
     now = datetime.now(UTC)
-    over = table.c.last_attempt_at <= now - LOG_IN_PERIOD
+    over = table.c.last_attempt_at <= now - (period or settings.LOG_IN_PERIOD)
     allowed = over | (table.c.attempts < limit)
     dialect = postgresql if database.dialect.name == "postgresql" else sqlite
     upsert = dialect.insert(table).values(digest=key, attempts=1, last_attempt_at=now)
@@ -162,31 +153,36 @@ async def count_attempt(key: str, limit: int) -> tuple[bool, datetime]:
         ),
     }
     upsert = upsert.on_conflict_do_update(index_elements=[table.c.digest], set_=changes)
+    # Over whatever its period: the longest is over (indexed, a few rows each time).
+    ended = table.c.last_attempt_at <= now - max(settings.LOG_IN_PERIOD, CLIENT_PERIOD)
     async with database.get_query_executor() as executor:
+        await executor.execute(table.delete().where(ended))
         row = await executor.fetch_one(upsert.returning(*table.c))
     assert row is not None
     last = row["last_attempt_at"]  # naive from SQLite, which stores UTC
     return row["attempts"] <= limit, last.replace(tzinfo=last.tzinfo or UTC)
 
 
-async def count_log_in(key: str, limit: int) -> None:
-    """Count a password check on `key` before it is made; 429 past `limit`."""
-    allowed, last = await count_attempt(key, limit)
+async def count_log_in(
+    key: str,
+    limit: int,
+    period: timedelta | None = None,
+    detail: str = "Too many log-ins for this account; retry later",
+) -> None:
+    """Count a password check (or another request) on `key` before it is made; 429
+    past `limit` within `period` (LOG_IN_PERIOD)."""
+    allowed, last = await count_attempt(key, limit, period)
     if not allowed:
-        wait = last + LOG_IN_PERIOD - datetime.now(UTC)
-        detail = "Too many log-ins for this account; retry later"
+        wait = last + (period or settings.LOG_IN_PERIOD) - datetime.now(UTC)
         await anyio.sleep(REFUSAL_PAUSE)  # holding the address's place in the queue
         raise too_many_requests(detail, max(1, math.ceil(wait.total_seconds())))
 
 
-async def end_log_in_counts(key: str | None = None) -> None:
-    """Delete every count whose period is over, and `key`'s (a right password)."""
-    table = LogInAttempts.ormar_config.table
-    ended = table.c.last_attempt_at <= datetime.now(UTC) - LOG_IN_PERIOD
-    if key is not None:
-        ended = ended | (table.c.digest == key)
-    async with database.get_query_executor() as executor:
-        await executor.execute(table.delete().where(ended))
+async def count_request(kind: str, client: str) -> None:
+    """Count a "sign-up" or a "password reset" from `client`; 429 past its limit."""
+    limit = settings.SIGN_UPS_AND_RESETS_PER_MINUTE
+    detail = f"Too many {kind}s from your address; retry later"
+    await count_log_in(log_in_key(kind, client), limit, CLIENT_PERIOD, detail)
 
 
 async def device_cookie(request: Request) -> str | None:
@@ -232,9 +228,13 @@ def new_device_cookie(request: Request, response: Response) -> str | None:
     return value
 
 
-def allowance(client: str, account: str, device: str | None) -> str:
-    """The key a check is counted on: the account's device's own, or the address's."""
-    return log_in_key("device", device) if device else log_in_key(client, account)
+async def add_device(request: Request, response: Response, user_id: int) -> None:
+    """Make the client a device of the account, as a log-in does (with a cookie of
+    its own if it has none): the browser that confirmed a reset is the owner's."""
+    cookie = await device_cookie(request) or new_device_cookie(request, response)
+    if cookie is not None:
+        digest, now = device_digest(cookie, user_id), datetime.now(UTC)
+        await Devices.objects.create(digest=digest, user=user_id, last_used_at=now)
 
 
 async def check_password(
@@ -249,25 +249,27 @@ async def check_password(
     the owner's own device still logs in.
     """
     known = await known_device(cookie, user)
-
-    everyone = log_in_key("any client", account)
+    # Counted for the password the account has: a new one starts its counts afresh.
+    stored_hash = user.password if user else passwords.DUMMY_HASH
+    allowance = ("device", known) if known else (client, account)
+    mine = log_in_key(*allowance, stored_hash)
+    everyone = log_in_key("any client", account, stored_hash)
 
     async def count() -> None:
-        await count_log_in(allowance(client, account, known), LOG_IN_ATTEMPTS)
+        await count_log_in(mine, settings.LOG_IN_ATTEMPTS)
         if known is None:
-            await count_log_in(everyone, LOG_IN_ATTEMPTS_PER_ACCOUNT)
+            await count_log_in(everyone, settings.LOG_IN_ATTEMPTS_PER_ACCOUNT)
 
-    stored_hash = user.password if user else passwords.DUMMY_HASH
     valid, new_hash = await in_hashing_thread(
         client, passwords.verify_password, password, stored_hash, first=count
     )
-    right = valid and user is not None and user.is_active and user.is_verified
-    # A right password: this client's count starts again, and it is no guess of the
-    # account's (whose count goes on: a log-in must not hand guessers more).
-    await end_log_in_counts(allowance(client, account, known) if right else None)
-    if right and known is None:
+    if valid and user is not None and user.is_active and user.is_verified:
+        # This client's count starts again, and it was no guess of the account's
+        # (whose count goes on: a log-in must not hand guessers more).
         table = LogInAttempts.ormar_config.table
         taken_back = table.update().where(table.c.digest == everyone)
         async with database.get_query_executor() as executor:
-            await executor.execute(taken_back.values(attempts=table.c.attempts - 1))
+            await executor.execute(table.delete().where(table.c.digest == mine))
+            if known is None:
+                await executor.execute(taken_back.values(attempts=table.c.attempts - 1))
     return valid, new_hash

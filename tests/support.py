@@ -1,5 +1,5 @@
 """What the tests share besides fixtures: constants, helpers that need no fixture (for
-clients of real servers), and the types of conftest's fixtures (the fixtures themselves
+clients of real servers), and the types of the fixtures in tests/harness.py (the fixtures themselves
 come as test arguments, never as imports)."""
 
 import email
@@ -31,12 +31,14 @@ from typing import Any, Protocol, cast
 
 import anyio.to_thread
 import httpx
+import pytest
 import sqlalchemy
 from aiosmtpd.smtp import Envelope
 from alembic.config import CommandLine, Config
 from pydantic import TypeAdapter
 from zxcvbn.frequency_lists import FREQUENCY_LISTS
 
+import core.settings
 from accounts.schemas import Password
 from db import Users
 
@@ -80,13 +82,15 @@ PROJECT_DIR = Path(__file__).parent.parent
 
 
 def imported_again(file: str) -> ModuleType:
-    """One of the project's files (main.py, db.py) run again as a module of its own:
-    it reads os.environ at import, as in a new process, without starting one."""
+    """One of the project's files (main.py, db.py) run again as a module of its own,
+    with the settings read again from os.environ, as in a new process, without one."""
     path = PROJECT_DIR / file
     spec = importlib.util.spec_from_file_location(f"{path.stem}_again", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(core.settings, "settings", core.settings.Settings())
+        spec.loader.exec_module(module)
     return module
 
 
@@ -213,9 +217,32 @@ class Server:
     database_url: str
     log_path: Path
 
-    def log(self) -> str:
-        """Everything the process printed: uvicorn's access log and the app's errors."""
-        return self.log_path.read_text(errors="replace")
+    def log(self, since: int = 0) -> str:
+        """What the process printed (uvicorn's access log and the app's errors), from
+        `since`, a `log_size()` taken before: a test's own lines on a shared server."""
+        with self.log_path.open("rb") as log:
+            log.seek(since)
+            return log.read().decode(errors="replace")
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+
+def faults(log: str) -> list[str]:
+    """The lines of a server's log that show a fault, for a failure message of a few
+    lines: each 500, and each traceback's last frame and exception."""
+    found, frame, in_traceback = [], "", False
+    for line in log.splitlines():
+        if line.startswith("Traceback"):
+            in_traceback = True
+        elif in_traceback and line.lstrip().startswith("File "):
+            frame = line
+        elif in_traceback and not line.startswith(" "):
+            found += [frame, line]
+            in_traceback = False
+        elif '" 500' in line or "Exception in ASGI application" in line:
+            found.append(line)
+    return found
 
 
 class StartServer(Protocol):

@@ -27,6 +27,8 @@ import main
 from accounts import CurrentUser, passwords, throttle
 from accounts.models import Links, LogInAttempts
 from accounts.sessions import token_digest
+from core import errors
+from core.settings import settings
 from db import DATABASE_URL, Users, database
 from support import (
     PASSWORD,
@@ -37,6 +39,7 @@ from support import (
     SignUp,
     a_password,
     common_passwords,
+    faults,
     sign_up_with,
 )
 
@@ -102,7 +105,7 @@ def test_a_users_route_declares_only_its_own_answers_and_gets_the_shared_ones() 
     main.app.openapi_schema = None
     try:
         operation = main.app.openapi()["paths"][path]["patch"]
-        codes = {"200", "400", "401", "404", "413", "422", "503"}
+        codes = {"200", "400", "401", "404", "413", "422", "500", "503"}
         assert set(operation["responses"]) == codes
         assert operation["responses"]["404"]["description"] == "No such probe"
         test_every_error_is_declared_with_the_detail_shape()
@@ -112,6 +115,7 @@ def test_a_users_route_declares_only_its_own_answers_and_gets_the_shared_ones() 
     assert main.app.openapi()["paths"] == paths_before
 
 
+@pytest.mark.slow  # a process
 def test_a_users_router_module_imports_on_its_own(tmp_path: Path) -> None:
     # What a resource of the user's needs from the template, imported without main.py.
     (tmp_path / "tutorial_test_probes").mkdir()
@@ -165,12 +169,13 @@ def validate(response: httpx.Response) -> None:
 url = main.app.url_path_for
 ANN_ID = "ann-id"  # in a path: replaced with ann's id
 JSON = {"content-type": "application/json"}
-OVER_THE_LIMIT = "x" * (main.MAX_BODY_SIZE + 1)
+OVER_THE_LIMIT = "x" * (settings.MAX_BODY_SIZE + 1)
 BIG = {"email": "ann@example.com", "password": OVER_THE_LIMIT}
 NOT_UTF8 = b"\x80"
 AS_ANN = {"as_ann": True}  # the request carries ann's bearer token
 QUEUE_FULL = {"outage": "queue"}  # no room in the hashing queue
 SHARE_TAKEN = {"outage": "share"}  # this address holds its share of the queue
+PAST_LIMIT = {"outage": "limit"}  # this address has sent its sign-ups and resets
 DATABASE_DOWN = {"outage": "database"}  # the database cannot be reached
 # The password changes between its check and the write that depends on it.
 CHANGED_MEANWHILE = {"outage": "changed"}
@@ -213,6 +218,8 @@ CASES = [
          json={"email": "q@example.com", "password": SECRET}),
     case("share-taken", "create_user", 429, "POST", url("create_user"), SHARE_TAKEN,
          json={"email": "q@example.com", "password": SECRET}),
+    case("past-limit", "create_user", 429, "POST", url("create_user"), PAST_LIMIT,
+         json={"email": "q@example.com", "password": SECRET}),
     case("right", "log_in", 200, "POST", url("log_in"),
          data={"username": "ann@example.com", "password": PASSWORD}),
     case("wrong", "log_in", 401, "POST", url("log_in"),
@@ -238,6 +245,8 @@ CASES = [
          DATABASE_DOWN, json={"token": LINK_TOKEN}),
     case("any", "request_password_reset", 202, "POST",
          url("request_password_reset"), json={"email": "ann@example.com"}),
+    case("past-limit", "request_password_reset", 429, "POST",
+         url("request_password_reset"), PAST_LIMIT, json={"email": "a@example.com"}),
     case("not-utf8", "request_password_reset", 400, "POST",
          url("request_password_reset"), content=NOT_UTF8, headers=JSON),
     case("bad-email", "request_password_reset", 422, "POST",
@@ -309,7 +318,8 @@ def test_the_table_provokes_every_code_the_templates_routes_declare() -> None:
     for param in CASES:
         operation, code = param.values[:2]
         provoked[operation].add(code)
-    declared = declared_codes()
+    # Every route declares 500, a bug's answer: the table provokes none.
+    declared = {op: codes - {500} for op, codes in declared_codes().items()}
     assert {operation: declared.get(operation) for operation in provoked} == provoked
 
 
@@ -341,9 +351,13 @@ async def test_each_case_gets_exactly_its_code(
             expires_at=datetime.now(UTC) + timedelta(hours=1),
         )
     if setup["outage"] == "queue":
-        monkeypatch.setattr(throttle, "HASHING_QUEUE", 0)
+        monkeypatch.setattr(settings, "PASSWORD_HASHING_QUEUE", 0)
     if setup["outage"] == "share":
-        monkeypatch.setattr(throttle, "HASHING_SHARE", 0)
+        monkeypatch.setattr(settings, "PASSWORD_HASHING_SHARE", 0)
+        monkeypatch.setattr(throttle, "REFUSAL_PAUSE", 0)  # the 429 at once
+    if setup["outage"] == "limit":
+        monkeypatch.setattr(settings, "SIGN_UPS_AND_RESETS_PER_MINUTE", 0)
+        monkeypatch.setattr(settings, "SIGN_UPS_AND_RESETS_PER_MINUTE", 0)
         monkeypatch.setattr(throttle, "REFUSAL_PAUSE", 0)  # the 429 at once
     if setup["outage"] == "changed":
         check = account_routes.check_current_password
@@ -432,7 +446,7 @@ async def test_a_value_the_database_cannot_store_gets_422_not_500(
     client: httpx.AsyncClient,
 ) -> None:
     # A route a user adds that stores text as sent (the tutorial's post title, say):
-    # PostgreSQL refuses a NUL character in text, SQLite stores it.
+    # PostgreSQL refuses a NUL character in text, and so does the app on SQLite.
     async def store_text(text: Annotated[str, Body(embed=True)]) -> None:
         await Users.objects.filter(id=0).update(email=text)
 
@@ -441,15 +455,12 @@ async def test_a_value_the_database_cannot_store_gets_422_not_500(
         response = await client.post("/stored-text", json={"text": "a\u0000b"})
     finally:
         main.app.router.routes.pop()
-    if make_url(DATABASE_URL).get_backend_name() == "sqlite":
-        assert response.status_code == 200
-    else:
-        assert response.status_code == 422
-        assert response.json() == {
-            "detail": [
-                {"type": "unstorable", "loc": ["body", "text"], "msg": main.UNSTORABLE}
-            ]
-        }
+    assert response.status_code == 422
+    assert response.json() == {
+        "detail": [
+            {"type": "unstorable", "loc": ["body", "text"], "msg": errors.UNSTORABLE}
+        ]
+    }
 
 
 # A path no user's resource will have.
@@ -543,21 +554,19 @@ async def test_a_number_the_database_cannot_store_gets_422_naming_it(
     response = await client.request(method, PROBE_PATH + path, **options)
     assert response.status_code == 422, response.text
     assert response.json() == {
-        "detail": [{"type": "out_of_range", "loc": loc, "msg": main.OUT_OF_RANGE}]
+        "detail": [{"type": "out_of_range", "loc": loc, "msg": errors.OUT_OF_RANGE}]
     }
     validate(response)
 
 
-async def test_a_number_past_32_bits_fits_sqlite_but_not_a_postgresql_integer(
+async def test_a_number_past_32_bits_is_refused_by_an_integer_column_on_both(
     client: httpx.AsyncClient, probe_routes: None
 ) -> None:
+    # SQLite would store it; PostgreSQL refuses it, and the app does on either.
     body = {"attempts": 2**40}
     response = await client.post(f"{PROBE_PATH}/counts", json=body)
-    if make_url(DATABASE_URL).get_backend_name() == "sqlite":
-        assert response.status_code == 201
-    else:
-        assert response.status_code == 422
-        assert response.json()["detail"][0]["loc"] == ["body", "attempts"]
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "attempts"]
 
 
 async def test_an_overflow_that_is_not_the_databases_stays_a_500(
@@ -572,7 +581,7 @@ async def test_a_declared_length_over_the_limit_gets_413_unread(
 ) -> None:
     response = await client.post(
         main.app.url_path_for("log_in"),
-        content=b"x" * (main.MAX_BODY_SIZE + 1),
+        content=b"x" * (settings.MAX_BODY_SIZE + 1),
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
     assert response.status_code == 413
@@ -608,6 +617,7 @@ def test_an_openapi_fuzzer_finds_no_undeclared_answer(
     `delete_me` and `log_out` would end the fuzzer's own session.
     """
     server = shared_server
+    log_before = server.log_size()  # the shared server's log so far
     with httpx.Client(base_url=server.url) as client:
         sign_up_with(client, "fuzz@example.com")
         form = {"username": "fuzz@example.com", "password": PASSWORD}
@@ -642,8 +652,8 @@ def test_an_openapi_fuzzer_finds_no_undeclared_answer(
     result = subprocess.run(
         command, cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
-    assert result.returncode == 0, result.stdout[-6000:]
-    assert " 500 " not in server.log()
+    assert result.returncode == 0, result.stdout[-6000:]  # with curl reproductions
+    assert not faults(server.log(log_before)), faults(server.log(log_before))
 
 
 def test_the_docs_authorize_button_logs_in_at_the_token_route() -> None:

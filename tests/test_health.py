@@ -12,8 +12,10 @@ from alembic.config import Config
 from asgi_lifespan import LifespanManager
 
 import main
+from core import health
+from core.health import MIGRATIONS_HEAD
 from db import Users
-from main import MIGRATIONS_HEAD, app
+from main import app
 from support import (
     PASSWORD,
     PROBE,
@@ -79,14 +81,14 @@ async def test_models_and_database_that_differ_are_named_at_start_up_and_by_heal
     # A model with a column that the database lacks, as after a model change without
     # a revision: the column is renamed in the database instead.
     column = a_users_column()
-    monkeypatch.setattr(main, "differences_at_head", None)  # compared at start-up
+    monkeypatch.setattr(health, "differences_at_head", None)  # compared at start-up
     await sql(f"ALTER TABLE users RENAME COLUMN {column} TO {PROBE}")
     try:
         async with LifespanManager(main.app) as manager:
             started = caplog.text
             transport = httpx.ASGITransport(manager.app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-                health = await c.get(app.url_path_for("health"))
+                answer = await c.get(app.url_path_for("health"))
                 form = {"username": "ann@example.com", "password": PASSWORD}
                 log_in = await c.post(app.url_path_for("log_in"), data=form)
     finally:
@@ -95,8 +97,8 @@ async def test_models_and_database_that_differ_are_named_at_start_up_and_by_heal
     assert f"column users.{column}: in the models, not in the database" in started
     assert f"column users.{PROBE}: in the database, in no model" in started
     assert "pipenv run makemigrations" in started
-    assert health.status_code == 503
-    assert health.json() == {
+    assert answer.status_code == 503
+    assert answer.json() == {
         "detail": "The models and the database differ; see the log"
     }
     # A bug to fix, not an outage to wait out: a 500, and the log says why.
@@ -117,8 +119,13 @@ def test_a_model_changed_without_a_revision_is_named_not_an_outage(
     ) as server:
         assert httpx.get(server.url + "/health").status_code == 503
         form = {"username": "ann@example.com", "password": PASSWORD}
-        assert httpx.post(server.url + "/auth/token", data=form).status_code == 500
-        log = server.log()
+        response = httpx.post(server.url + "/auth/token", data=form)
+    log = server.log()  # once the server has stopped: all of it
+    # A bug's 500: JSON as every error; its traceback in the server's log.
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"detail": "Internal Server Error"}
+    assert "Traceback" in log
     assert f"column users.{PROBE}: in the models, not in the database" in log
     assert "pipenv run makemigrations" in log
     assert "The database lacks a table or column of the models" in log

@@ -1,7 +1,7 @@
 """Mail and the links in it: sign-up proves the address, password reset, email change,
 the mail caps, and what a stranger learns (nothing: the same answers in the same time).
 
-Every message goes to a real SMTP server (aiosmtpd, conftest's smtp_server) or, as
+Every message goes to a real SMTP server (aiosmtpd, smtp_server in tests/harness.py) or, as
 without SMTP_URL, to the log; none is stubbed out.
 """
 
@@ -21,8 +21,9 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 from test_throttle import SERVE_OPTIONS
 
-from accounts import links, mail, outbox, passwords, throttle
+from accounts import links, outbox, passwords, throttle
 from accounts.models import Devices, Links, LogInAttempts, Mails, Tokens
+from core.settings import settings
 from db import Users
 from main import app
 from support import (
@@ -90,24 +91,25 @@ Timed = Callable[[int], Awaitable[str | None]]
 
 
 async def time_ratio(first: Timed, second: Timed, numbers: range) -> float:
-    """Seconds of `first(i)` over those of `second(i)` for each i in `numbers`, taken
-    in turns (which goes first alternates), so that a busy moment of the machine
-    falls on both; the lower quartile of each, which other work moves least.
+    """The median over each i in `numbers` of the seconds of `first(i)` over those of
+    `second(i)`, the two taken back to back (which goes first alternates), so that a
+    busy moment of the machine falls on both of a pair.
 
     In-process, a request's time includes its background task (the look-up). Each
     returns the address it mails, if any: its mail is waited for before the next, so
     that the sending, which no request waits for, falls on neither."""
-    seconds: tuple[list[float], list[float]] = ([], [])
+    ratios = []
     for i in numbers:
         order = [(0, first), (1, second)][:: 1 if i % 2 else -1]
+        seconds = [0.0, 0.0]
         for kind, request in order:
             started = time.perf_counter()
             mailed = await request(i)
-            seconds[kind].append(time.perf_counter() - started)
+            seconds[kind] = time.perf_counter() - started
             if mailed:
                 await MAILBOX.arrived(mailed, 1)
-    first_time, second_time = (statistics.quantiles(s)[0] for s in seconds)
-    return first_time / second_time
+        ratios.append(seconds[0] / seconds[1])
+    return statistics.median(ratios)
 
 
 async def assert_same_time(first: Timed, second: Timed) -> None:
@@ -188,9 +190,13 @@ async def accounts(name: str) -> None:
         await Users.objects.create(email=email, password=stored_hash, is_verified=True)
 
 
+@pytest.mark.slow  # a timing comparison
 async def test_new_and_taken_sign_ups_take_the_same_time(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(
+        settings, "SIGN_UPS_AND_RESETS_PER_MINUTE", 10**6
+    )  # one client sends all
     await accounts("taken")
 
     async def sign_up_as(email: str) -> str:
@@ -203,10 +209,11 @@ async def test_new_and_taken_sign_ups_take_the_same_time(
     )
 
 
-async def test_an_unverified_log_in_gets_the_wrong_passwords_401_in_the_same_time(
-    client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(throttle, "LOG_IN_ATTEMPTS", 1000)  # none refused
+async def unverified_and_wrong_log_ins(
+    client: httpx.AsyncClient, sign_up: SignUp
+) -> tuple[httpx.Response, httpx.Response]:
+    """A log-in to an account whose address is not proven yet, and one with a wrong
+    password to an account whose address is."""
     await sign_up("ann@example.com")
     body = {"email": "new@example.com", "password": PASSWORD}
     assert (await client.post(USERS, json=body)).status_code == 202
@@ -214,8 +221,24 @@ async def test_an_unverified_log_in_gets_the_wrong_passwords_401_in_the_same_tim
     wrong = await client.post(
         TOKEN, data=form("ann@example.com", a_password("wrong-password"))
     )
+    return unverified, wrong
+
+
+async def test_an_unverified_log_in_gets_the_wrong_passwords_401(
+    client: httpx.AsyncClient, sign_up: SignUp
+) -> None:
+    unverified, wrong = await unverified_and_wrong_log_ins(client, sign_up)
     assert answer(unverified) == answer(wrong)
     assert unverified.status_code == 401
+
+
+@pytest.mark.slow  # a timing comparison
+async def test_an_unverified_log_in_gets_the_wrong_passwords_401_in_the_same_time(
+    client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "LOG_IN_ATTEMPTS", 1000)  # none refused
+    unverified, wrong = await unverified_and_wrong_log_ins(client, sign_up)
+    assert answer(unverified) == answer(wrong)
 
     async def log_in_unverified(i: int) -> None:
         await client.post(TOKEN, data=form("new@example.com"))
@@ -240,7 +263,7 @@ async def test_a_reset_answers_alike_for_every_address_and_mails_only_an_account
     assert known.status_code == 202
     message = await MAILBOX.arrived("ann@example.com", 2)
     assert message["Subject"] == "Reset your password"
-    link = f"{mail.PUBLIC_URL}/reset-password#token={link_token(message)}"
+    link = f"{settings.PUBLIC_URL}/reset-password#token={link_token(message)}"
     assert link in message.get_content().splitlines()
     # An unknown address is told that no account has it (and is sent one mail).
     notice = await MAILBOX.arrived("nobody@example.com", 1)
@@ -250,9 +273,13 @@ async def test_a_reset_answers_alike_for_every_address_and_mails_only_an_account
     assert len(MAILBOX.to("nobody@example.com")) == 1
 
 
+@pytest.mark.slow  # a timing comparison
 async def test_known_and_unknown_resets_take_the_same_time(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(
+        settings, "SIGN_UPS_AND_RESETS_PER_MINUTE", 10**6
+    )  # one client sends all
     await accounts("known")
 
     async def reset_for(email: str) -> str | None:
@@ -265,10 +292,11 @@ async def test_known_and_unknown_resets_take_the_same_time(
     )
 
 
+@pytest.mark.slow  # a timing comparison
 async def test_an_email_change_to_a_taken_address_takes_the_same_time(
     client: httpx.AsyncClient, ann: LoggedIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(throttle, "LOG_IN_ATTEMPTS", 1000)  # each checks a password
+    monkeypatch.setattr(settings, "LOG_IN_ATTEMPTS", 1000)  # each checks a password
     await accounts("taken")
 
     async def change_to(email: str) -> str:
@@ -379,8 +407,8 @@ async def test_every_link_dies_when_the_password_changes(
     assert (await client.get(ME, headers=ann.headers)).json() == ann.user
 
 
-async def test_a_reset_ends_every_session_and_device_and_other_links(
-    client: httpx.AsyncClient, ann: LoggedIn
+async def test_a_reset_ends_every_session_other_device_and_other_link(
+    client: httpx.AsyncClient, ann: LoggedIn, client_at: ClientAt
 ) -> None:
     await request_reset(client, "ann@example.com")
     await request_reset(client, "ann@example.com")
@@ -388,13 +416,17 @@ async def test_a_reset_ends_every_session_and_device_and_other_links(
         await link_to("ann@example.com", 2),
         await link_to("ann@example.com", 3),
     )
-    assert await Devices.objects.count() == 1  # the `ann` fixture's log-in
+    async with client_at("192.0.2.20") as phone:  # another device of ann's
+        assert (await phone.post(TOKEN, data=form("ann@example.com"))).is_success
+    mine = throttle.device_digest(client.cookies["device"], ann.user["id"])
+    assert await Devices.objects.count() == 2
 
     response = await reset(client, first)
     assert (response.status_code, response.content) == (204, b"")  # no log-in
-    assert "set-cookie" not in response.headers
+    assert "set-cookie" not in response.headers  # its device cookie, kept
     assert (await client.get(ME, headers=ann.headers)).status_code == 401
-    assert await Tokens.objects.count() == await Devices.objects.count() == 0
+    assert await Tokens.objects.count() == 0
+    assert [device.digest for device in await Devices.objects.all()] == [mine]
     assert (await reset(client, second)).json() == BAD_LINK
     assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 401
     new = await client.post(TOKEN, data=form("ann@example.com", NEW_PASSWORD))
@@ -509,7 +541,7 @@ async def test_three_mails_per_kind_reach_an_address_and_no_more(
     assert len(MAILBOX.to("moved@example.com")) == cap
 
     # A period after the last mail let through, one more may go.
-    over = datetime.now(UTC) - throttle.LOG_IN_PERIOD - timedelta(seconds=1)
+    over = datetime.now(UTC) - settings.LOG_IN_PERIOD - timedelta(seconds=1)
     await LogInAttempts.objects.update(each=True, last_attempt_at=over)
     await request_reset(client, "ann@example.com")
     await MAILBOX.arrived("ann@example.com", 2 + cap)
@@ -521,7 +553,7 @@ async def test_three_mails_per_kind_reach_an_address_and_no_more(
 async def test_links_start_with_public_url_whatever_the_host_header(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mail, "PUBLIC_URL", "https://app.example.com")
+    monkeypatch.setattr(settings, "PUBLIC_URL", "https://app.example.com")
     body = {"email": "ann@example.com", "password": PASSWORD}
     headers = {"Host": "evil.example", "X-Forwarded-Host": "evil.example"}
     assert (await client.post(USERS, json=body, headers=headers)).status_code == 202
@@ -542,7 +574,7 @@ async def test_without_smtp_url_each_message_is_written_whole_to_the_log(
 ) -> None:
     # (A real server's start-up warning: the slow tests at the end.)
     caplog.set_level(logging.WARNING, logger="accounts.mail")
-    monkeypatch.setattr(mail, "SMTP_URL", "")
+    monkeypatch.setattr(settings, "SMTP_URL", "")
     body = {"email": "ann@example.com", "password": PASSWORD}
     assert (await client.post(USERS, json=body)).status_code == 202
     with anyio.fail_after(10):
@@ -562,8 +594,8 @@ async def test_with_smtp_down_each_try_is_logged_at_once_and_the_mail_comes_late
     free_port: Callable[[], int],
 ) -> None:
     caplog.set_level(logging.INFO)
-    working = mail.SMTP_URL
-    monkeypatch.setattr(mail, "SMTP_URL", f"smtp://127.0.0.1:{free_port()}")
+    working = settings.SMTP_URL
+    monkeypatch.setattr(settings, "SMTP_URL", f"smtp://127.0.0.1:{free_port()}")
     monkeypatch.setattr(outbox, "FIRST_RETRY", 0.05)
     body = {"email": "ann@example.com", "password": PASSWORD}
     assert (await client.post(USERS, json=body)).status_code == 202
@@ -578,7 +610,7 @@ async def test_with_smtp_down_each_try_is_logged_at_once_and_the_mail_comes_late
         )
     assert "token" not in caplog.text
 
-    monkeypatch.setattr(mail, "SMTP_URL", working)  # mail works again
+    monkeypatch.setattr(settings, "SMTP_URL", working)  # mail works again
     token = await link_to("ann@example.com")
     assert (await client.post(VERIFY, json={"token": token})).status_code == 204
     assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 200
@@ -594,7 +626,7 @@ async def test_mail_is_tried_while_its_link_would_live_then_given_up(
     free_port: Callable[[], int],
 ) -> None:
     await sign_up("ann@example.com")
-    monkeypatch.setattr(mail, "SMTP_URL", f"smtp://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(settings, "SMTP_URL", f"smtp://127.0.0.1:{free_port()}")
     monkeypatch.setattr(outbox, "FIRST_RETRY", 0.05)
     monkeypatch.setattr(links, "RESET_LIFETIME", timedelta(seconds=0.5))
     assert (await request_reset(client, "ann@example.com")).status_code == 202
@@ -648,7 +680,9 @@ async def test_a_refused_send_is_retried_and_credentials_are_the_urls(
     server.start()
     try:
         await sign_up("ann@example.com")
-        monkeypatch.setattr(mail, "SMTP_URL", f"smtp://mailer:p%40ss@127.0.0.1:{port}")
+        monkeypatch.setattr(
+            settings, "SMTP_URL", f"smtp://mailer:p%40ss@127.0.0.1:{port}"
+        )
         monkeypatch.setattr(outbox, "FIRST_RETRY", 0.01)
         await request_reset(client, "ann@example.com")
         message: EmailMessage = await MAILBOX.arrived("ann@example.com", 2)
@@ -689,15 +723,15 @@ async def test_a_password_change_ends_the_links_still_in_the_outbox(
     monkeypatch: pytest.MonkeyPatch,
     free_port: Callable[[], int],
 ) -> None:
-    working = mail.SMTP_URL
-    monkeypatch.setattr(mail, "SMTP_URL", f"smtp://127.0.0.1:{free_port()}")
+    working = settings.SMTP_URL
+    monkeypatch.setattr(settings, "SMTP_URL", f"smtp://127.0.0.1:{free_port()}")
     monkeypatch.setattr(outbox, "FIRST_RETRY", 0.05)
     change = {"email": "moved@example.com", "current_password": PASSWORD}
     assert (await client.patch(ME, json=change, headers=ann.headers)).status_code == 202
     assert (await request_reset(client, "ann@example.com")).status_code == 202
     change = {"password": NEW_PASSWORD, "current_password": PASSWORD}
     assert (await client.patch(ME, json=change, headers=ann.headers)).status_code == 200
-    monkeypatch.setattr(mail, "SMTP_URL", working)
+    monkeypatch.setattr(settings, "SMTP_URL", working)
     notice = await MAILBOX.arrived("ann@example.com", 2)  # after her sign-up's link
     assert notice["Subject"] == "Your password was changed"
     await mail_settled(client, sign_up)
@@ -731,7 +765,7 @@ async def test_without_smtp_url_the_server_writes_each_message_to_its_output(
             assert (await client.post(TOKEN, data=form("ann@example.com"))).is_success
     log = server.log()
     assert "To: ann@example.com\nSubject: Confirm your email address" in log
-    assert f"{mail.PUBLIC_URL}/verify-email#token={token}" in log
+    assert f"{settings.PUBLIC_URL}/verify-email#token={token}" in log
     assert PASSWORD not in log and "Traceback" not in log
 
 

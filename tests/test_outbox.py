@@ -2,7 +2,7 @@
 senders never send one row twice, and what follows an answer is the same work for
 every address. And a stranger's sign-up never takes an address over.
 
-Every message goes to a real SMTP server (aiosmtpd, conftest's smtp_server).
+Every message goes to a real SMTP server (aiosmtpd, harness.py's smtp_server).
 """
 
 import os
@@ -23,8 +23,9 @@ from aiosmtpd.controller import Controller
 from sqlalchemy.ext.asyncio import create_async_engine
 from test_throttle import SERVE_OPTIONS
 
-from accounts import links, mail, outbox, passwords
+from accounts import links, outbox, passwords
 from accounts.models import Links, Mails
+from core.settings import settings
 from db import Users, database
 from main import app
 from support import (
@@ -104,15 +105,15 @@ async def test_a_strangers_sign_up_still_in_the_outbox_sends_no_link_after_the_o
     monkeypatch: pytest.MonkeyPatch,
     free_port: Callable[[], int],
 ) -> None:
-    working = mail.SMTP_URL
-    monkeypatch.setattr(mail, "SMTP_URL", f"smtp://127.0.0.1:{free_port()}")
+    working = settings.SMTP_URL
+    monkeypatch.setattr(settings, "SMTP_URL", f"smtp://127.0.0.1:{free_port()}")
     monkeypatch.setattr(outbox, "FIRST_RETRY", 0.05)
     async with client_at("192.0.2.66") as stranger:
         body = {"email": "owner@example.com", "password": STRANGERS}
         assert (await stranger.post(USERS, json=body)).status_code == 202
     body = {"email": "owner@example.com", "password": PASSWORD}
     assert (await client.post(USERS, json=body)).status_code == 202
-    monkeypatch.setattr(mail, "SMTP_URL", working)  # both go out now
+    monkeypatch.setattr(settings, "SMTP_URL", working)  # both go out now
     mailed = [await MAILBOX.arrived("owner@example.com", i) for i in (1, 2)]
     assert {m["Subject"] for m in mailed} == {
         "Someone tried to sign up with your address"

@@ -4,7 +4,7 @@ account is still what was checked. Every race is run many times in one test.
 A request's window is the password hash (~0.1 s as deployed) between reading the
 account and writing: `hold` keeps a request in it, right after its password check,
 until the test has done what the other request does, so that each try meets the race.
-That needs no slow hash: the in-process tests hash cheaply (conftest's cheap_hashing).
+That needs no slow hash: the in-process tests hash cheaply (cheap_hashing in tests/harness.py).
 """
 
 import functools
@@ -29,7 +29,8 @@ import accounts.sessions
 import main
 from accounts import passwords, throttle
 from accounts.models import Devices, Tokens
-from accounts.sessions import TOKEN_LIFETIME, start_session, token_digest
+from accounts.sessions import start_session, token_digest
+from core.settings import settings
 from db import DATABASE_URL, Users, database
 from support import (
     PASSWORD,
@@ -39,6 +40,7 @@ from support import (
     SignUp,
     StartServer,
     a_password,
+    faults,
     loopback,
     server_client_at,
 )
@@ -369,7 +371,7 @@ async def test_log_ins_at_once_from_one_client_store_one_device_per_account(
         async with anyio.create_task_group() as tasks:
             log_ins = [
                 hold(tasks, client, "POST", TOKEN, data=form(ann.email))
-                for _ in range(throttle.HASHING_SHARE)
+                for _ in range(settings.PASSWORD_HASHING_SHARE)
             ]
             await reached(*log_ins)  # all checked, none has written
             for log_in in log_ins:
@@ -399,7 +401,7 @@ def one_hashing_thread(
     threads = {"PASSWORD_HASHING_THREADS": "1"}
     with start_server(migrated_url, env=threads) as server:
         yield server
-        assert "Traceback" not in server.log()
+        assert "Traceback" not in server.log(), faults(server.log())
 
 
 async def accounts_with_sessions(
@@ -429,7 +431,7 @@ async def accounts_with_sessions(
                     "user_id": user_id,
                     "digest": token_digest(token),
                     "created_at": now,
-                    "expires_at": now + TOKEN_LIFETIME,
+                    "expires_at": now + settings.TOKEN_LIFETIME,
                 }
                 await connection.execute(tokens.insert().values(session))
     finally:
@@ -493,7 +495,7 @@ async def session_of(client: httpx.AsyncClient, email: str) -> dict[str, str]:
 async def test_past_the_session_bound_a_log_in_ends_the_oldest_session(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(accounts.sessions, "SESSIONS_PER_USER", 3)
+    monkeypatch.setattr(settings, "SESSIONS_PER_USER", 3)
     await account("ann@example.com")
     bob = await session((await account("bob@example.com", following=True)).id)
     anns = [await session_of(client, "ann@example.com") for _ in range(4)]

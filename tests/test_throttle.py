@@ -21,13 +21,14 @@ import anyio
 import httpx
 import pytest
 import sqlalchemy
-from conftest import copy_of, running_server
 from fastapi import HTTPException, Request
+from harness import copy_of, running_server
 
 import main
-from accounts import passwords, sessions, throttle
+from accounts import passwords, throttle
 from accounts.models import Devices, LogInAttempts
-from db import database
+from core.settings import settings
+from db import Users, database
 from support import (
     PASSWORD,
     PROJECT_DIR,
@@ -46,7 +47,7 @@ pytestmark = pytest.mark.anyio
 
 TOKEN = main.app.url_path_for("log_in")
 WRONG = a_password("wrong-password")
-LIMIT = throttle.LOG_IN_ATTEMPTS  # per account and client
+LIMIT = settings.LOG_IN_ATTEMPTS  # per account and client
 # What `pipenv run serve` and the README's production command add to uvicorn's own.
 SERVE_OPTIONS = (
     "--no-proxy-headers",
@@ -89,7 +90,7 @@ async def test_past_ten_wrong_passwords_log_ins_answer_429_without_hashing(
             "detail": "Too many log-ins for this account; retry later"
         }
         # A period after the last one counted, give or take this test's own duration.
-        period = int(throttle.LOG_IN_PERIOD.total_seconds())
+        period = int(settings.LOG_IN_PERIOD.total_seconds())
         assert period - 20 <= int(response.headers["retry-after"]) <= period
     assert checks == []
 
@@ -119,7 +120,7 @@ async def test_an_unknown_email_is_throttled_exactly_like_a_real_one(
 async def test_a_right_password_within_the_allowance_starts_the_count_again(
     client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(throttle, "LOG_IN_ATTEMPTS", 3)  # the setting, and fewer hashes
+    monkeypatch.setattr(settings, "LOG_IN_ATTEMPTS", 3)  # the setting, and fewer hashes
     await sign_up("ann@example.com")
     statuses = []
     for password in [WRONG, WRONG, PASSWORD, WRONG, WRONG, WRONG, WRONG]:
@@ -132,19 +133,20 @@ async def test_a_right_password_within_the_allowance_starts_the_count_again(
 async def test_a_count_ends_a_period_after_its_last_log_in_and_its_row_goes(
     client: httpx.AsyncClient, sign_up: SignUp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(throttle, "LOG_IN_ATTEMPTS", 1)
+    monkeypatch.setattr(settings, "LOG_IN_ATTEMPTS", 1)
     await sign_up("ann@example.com")
     assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 401
     assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 429
     # Someone else's count, over long ago: the table keeps no stale rows.
-    old = datetime.now(UTC) - throttle.LOG_IN_PERIOD - timedelta(seconds=1)
+    old = datetime.now(UTC) - settings.LOG_IN_PERIOD - timedelta(seconds=1)
     await LogInAttempts.objects.create(digest="0" * 64, attempts=5, last_attempt_at=old)
 
     # A period after the last log-in let through, ann may try again.
-    ann = throttle.log_in_key("127.0.0.1", "ann@example.com")
+    password = (await Users.objects.get(email="ann@example.com")).password
+    ann = throttle.log_in_key("127.0.0.1", "ann@example.com", password)
     await LogInAttempts.objects.filter(digest=ann).update(last_attempt_at=old)
     assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 401
-    everyone = throttle.log_in_key("any client", "ann@example.com")
+    everyone = throttle.log_in_key("any client", "ann@example.com", password)
     counts = {row.digest for row in await LogInAttempts.objects.all()}
     assert "0" * 64 not in counts and {ann, everyone} <= counts
 
@@ -173,7 +175,7 @@ async def test_concurrent_guesses_get_no_more_than_the_allowance_through(
     # counting would let most of them through.
     key = throttle.log_in_key("127.0.0.1", "ann@example.com")
     outcomes = await asyncio.gather(
-        *(throttle.count_log_in(key, throttle.LOG_IN_ATTEMPTS) for _ in range(120)),
+        *(throttle.count_log_in(key, settings.LOG_IN_ATTEMPTS) for _ in range(120)),
         return_exceptions=True,
     )
     refused = [outcome for outcome in outcomes if outcome is not None]
@@ -197,9 +199,9 @@ async def test_one_address_past_its_share_of_the_queue_gets_429_others_do_not(
         statuses.append((await sender.post("/users", json=body)).status_code)
 
     async with anyio.create_task_group() as tasks:
-        for i in range(throttle.HASHING_SHARE):
+        for i in range(settings.PASSWORD_HASHING_SHARE):
             tasks.start_soon(create, f"queued{i}@example.com")
-        while limiter.statistics().tasks_waiting < throttle.HASHING_SHARE:
+        while limiter.statistics().tasks_waiting < settings.PASSWORD_HASHING_SHARE:
             await anyio.sleep(0.01)
         with anyio.fail_after(5):  # not queued: answered after the pause
             sent = time.monotonic()
@@ -214,11 +216,11 @@ async def test_one_address_past_its_share_of_the_queue_gets_429_others_do_not(
         # Someone at another address still gets a place in the queue.
         other = client_at("192.0.2.7")
         tasks.start_soon(create, "other@example.com", other)
-        while limiter.statistics().tasks_waiting <= throttle.HASHING_SHARE:
+        while limiter.statistics().tasks_waiting <= settings.PASSWORD_HASHING_SHARE:
             await anyio.sleep(0.01)
         hashing_threads_busy()  # the queued sign-ups go on
     await other.aclose()
-    assert statuses == [202] * (throttle.HASHING_SHARE + 1)
+    assert statuses == [202] * (settings.PASSWORD_HASHING_SHARE + 1)
     assert throttle.hashing_places == {}  # every place given back
 
 
@@ -298,7 +300,7 @@ async def test_a_log_in_to_another_account_leaves_the_owner_their_device(
     # `client` is ann's browser. A log-in CSRF: another site's page has it log in to
     # an account of the attacker's. The browser withholds its SameSite cookie from
     # that request, and keeps whatever cookie the answer sets.
-    monkeypatch.setattr(throttle, "LOG_IN_ATTEMPTS_PER_ACCOUNT", 3)  # fewer guesses
+    monkeypatch.setattr(settings, "LOG_IN_ATTEMPTS_PER_ACCOUNT", 3)  # fewer guesses
     await sign_up("mallory@example.com")
     mallorys = form("mallory@example.com", PASSWORD)
     cross_site = {"Sec-Fetch-Site": "cross-site"}
@@ -311,11 +313,11 @@ async def test_a_log_in_to_another_account_leaves_the_owner_their_device(
 
     # Then guesses from everywhere fill the bound of clients without ann's device.
     statuses = []
-    for i in range(throttle.LOG_IN_ATTEMPTS_PER_ACCOUNT + 1):
+    for i in range(settings.LOG_IN_ATTEMPTS_PER_ACCOUNT + 1):
         async with client_at(f"198.51.100.{i}") as guesser:
             response = await guesser.post(TOKEN, data=form("ann@example.com"))
             statuses.append(response.status_code)
-    assert statuses == [401] * throttle.LOG_IN_ATTEMPTS_PER_ACCOUNT + [429]
+    assert statuses == [401] * settings.LOG_IN_ATTEMPTS_PER_ACCOUNT + [429]
 
     # The browser is still ann's device, and now mallory's: it logs in to both.
     for email in ("ann@example.com", "mallory@example.com"):
@@ -333,21 +335,21 @@ async def test_past_the_bound_the_device_used_longest_ago_goes_not_the_oldest(
 ) -> None:
     # `client` is the browser ann uses every day; scripts log in without cookies,
     # each a new device: fewer than the bound before her log-in, and after it.
-    monkeypatch.setattr(throttle, "LOG_IN_ATTEMPTS_PER_ACCOUNT", 3)  # fewer guesses
+    monkeypatch.setattr(settings, "LOG_IN_ATTEMPTS_PER_ACCOUNT", 3)  # fewer guesses
     right = form("ann@example.com", PASSWORD)
 
     async def scripts_log_in() -> None:
-        for i in range(sessions.SESSIONS_PER_USER - 1):
+        for i in range(settings.SESSIONS_PER_USER - 1):
             async with client_at(f"192.0.2.{i}") as script:
                 assert (await script.post(TOKEN, data=right)).status_code == 200
 
     await scripts_log_in()
     assert (await client.post(TOKEN, data=right)).status_code == 200
     await scripts_log_in()
-    assert await Devices.objects.count() == sessions.SESSIONS_PER_USER
+    assert await Devices.objects.count() == settings.SESSIONS_PER_USER
 
     # Guesses from everywhere fill the bound of clients without a device of ann's.
-    for i in range(throttle.LOG_IN_ATTEMPTS_PER_ACCOUNT):
+    for i in range(settings.LOG_IN_ATTEMPTS_PER_ACCOUNT):
         async with client_at(f"198.51.100.{i}") as guesser:
             await guesser.post(TOKEN, data=form("ann@example.com"))
     async with client_at("198.51.100.99") as newcomer:
@@ -410,7 +412,7 @@ async def test_a_client_is_counted_as_its_parsed_address(
     counted_as: str,
 ) -> None:
     networks = [ipaddress.ip_network(p, strict=False) for p in proxies.split()]
-    monkeypatch.setattr(throttle, "TRUSTED_PROXIES", networks)
+    monkeypatch.setattr(settings, "TRUSTED_PROXIES", networks)
     headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
     request = Request({"type": "http", "client": (host, 1), "headers": headers})
     assert await throttle.client_address(request) == counted_as
@@ -618,7 +620,7 @@ async def test_a_flood_from_one_address_leaves_others_their_log_ins_and_sign_ups
     # Every request answered, none refused, none waiting much longer than its own hash
     # and the flood's share of the queue ahead of it: 5 hashes' time, measured up to 7.
     # Without the share, one waited for about 37.
-    bound = 3 * (throttle.HASHING_SHARE + 1) * per_hash
+    bound = 3 * (settings.PASSWORD_HASHING_SHARE + 1) * per_hash
     for kind, status in (("log-ins", 200), ("sign-ups", 202)):
         assert all(
             answer == status and seconds < bound for answer, seconds in outcomes[kind]

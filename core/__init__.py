@@ -1,0 +1,1 @@
+"""The service's own plumbing: settings, error answers, the body limit, /health."""
