@@ -148,15 +148,18 @@ async def send_next() -> bool:
 async def send_all() -> None:
     """Send what is due, then wait for a row (`post`) or POLL seconds; until stopped."""
     global woken
-    pause = POLL
+    pause, down = POLL, 0.0
     while not stopping:
         woken = anyio.Event()
         try:
             while not stopping and await send_next():
                 pass
+            down = 0.0
         except Exception:  # the database is down, say: the rows wait for it
-            logger.exception("The outbox could not be read")
-        with anyio.move_on_after(pause):
+            if not down:
+                logger.exception("The outbox could not be read; retrying, less often")
+            down = min(2 * down or POLL, LAST_RETRY)
+        with anyio.move_on_after(down or pause):
             await woken.wait()
         # A row posted in a transaction shows once that commits: soon after.
         pause = 0.05 if woken.is_set() else min(2 * pause, POLL)

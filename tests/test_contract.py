@@ -24,7 +24,7 @@ from sqlalchemy import make_url
 
 import accounts.routes as account_routes
 import main
-from accounts import CurrentUser, passwords, throttle
+from accounts import CurrentUser, outbox, passwords, throttle
 from accounts.models import Links, LogInAttempts
 from accounts.sessions import token_digest
 from core import errors
@@ -131,6 +131,10 @@ def test_a_users_router_module_imports_on_its_own(tmp_path: Path) -> None:
     )
 
 
+async def nothing_sent() -> bool:
+    return False
+
+
 @asynccontextmanager
 async def unreachable_database() -> AsyncIterator[None]:
     """The app's database, swapped for one that cannot be reached, then restored."""
@@ -140,6 +144,8 @@ async def unreachable_database() -> AsyncIterator[None]:
     else:
         unreachable = url.set(host="127.0.0.1", port=9)  # nothing listens there
     original = database._url
+    patch = pytest.MonkeyPatch()
+    patch.setattr(outbox, "send_next", nothing_sent)  # its connections would linger
     await database.disconnect()
     database._url = unreachable.render_as_string(hide_password=False)
     await database.connect()
@@ -154,6 +160,7 @@ async def unreachable_database() -> AsyncIterator[None]:
                 await anyio.sleep(0.01)
         database._url = original
         await database.connect()
+        patch.undo()
 
 
 def validate(response: httpx.Response) -> None:
