@@ -131,10 +131,6 @@ def test_a_users_router_module_imports_on_its_own(tmp_path: Path) -> None:
     )
 
 
-async def nothing_sent() -> bool:
-    return False
-
-
 @asynccontextmanager
 async def unreachable_database() -> AsyncIterator[None]:
     """The app's database, swapped for one that cannot be reached, then restored."""
@@ -144,8 +140,20 @@ async def unreachable_database() -> AsyncIterator[None]:
     else:
         unreachable = url.set(host="127.0.0.1", port=9)  # nothing listens there
     original = database._url
+    # The outbox's sender waits meanwhile: a connection it held at the disconnect
+    # would stay open. Swapped once it is between two queries.
+    idle = anyio.Event()
+
+    async def nothing_sent() -> bool:
+        idle.set()
+        return False
+
     patch = pytest.MonkeyPatch()
-    patch.setattr(outbox, "send_next", nothing_sent)  # its connections would linger
+    patch.setattr(outbox, "send_next", nothing_sent)
+    if outbox.woken is not None:
+        outbox.woken.set()
+    with anyio.fail_after(5):
+        await idle.wait()
     await database.disconnect()
     database._url = unreachable.render_as_string(hide_password=False)
     await database.connect()
