@@ -19,12 +19,13 @@ import httpx
 import pytest
 from fastapi import APIRouter, Body, Form
 from fastapi.routing import iter_route_contexts
+from harness import hold_outbox
 from pydantic import BaseModel
 from sqlalchemy import make_url
 
 import accounts.routes as account_routes
 import main
-from accounts import CurrentUser, outbox, passwords, throttle
+from accounts import CurrentUser, passwords, throttle
 from accounts.models import Links, LogInAttempts
 from accounts.sessions import token_digest
 from core import errors
@@ -140,20 +141,8 @@ async def unreachable_database() -> AsyncIterator[None]:
     else:
         unreachable = url.set(host="127.0.0.1", port=9)  # nothing listens there
     original = database._url
-    # The outbox's sender waits meanwhile: a connection it held at the disconnect
-    # would stay open. Swapped once it is between two queries.
-    idle = anyio.Event()
-
-    async def nothing_sent() -> bool:
-        idle.set()
-        return False
-
     patch = pytest.MonkeyPatch()
-    patch.setattr(outbox, "send_next", nothing_sent)
-    if outbox.woken is not None:
-        outbox.woken.set()
-    with anyio.fail_after(5):
-        await idle.wait()
+    await hold_outbox(patch)  # a connection it held at the disconnect would stay open
     await database.disconnect()
     database._url = unreachable.render_as_string(hide_password=False)
     await database.connect()
