@@ -126,7 +126,14 @@ async def send_next() -> bool:
     try:
         await mail.send(message)
     except (aiosmtplib.SMTPException, OSError) as error:
-        logger.error(  # never the message: it may hold a token
+        if not given_up:
+            done = mails.update().where(mine).values(tries=tries, due_at=now + retry)
+        async with database.get_query_executor() as executor:
+            await executor.execute(
+                link_rows.delete().where(link_rows.c.digest == digest)
+            )
+            await executor.execute(done)
+        logger.error(  # once the row says what follows; never the message (a token)
             "Mail %s (%s) not sent, try %d, %s: %s",
             row["id"],
             row["kind"],
@@ -134,12 +141,7 @@ async def send_next() -> bool:
             "given up" if given_up else f"next in {retry.total_seconds():g} s",
             error,
         )
-        if not given_up:
-            done = mails.update().where(mine).values(tries=tries, due_at=now + retry)
-        async with database.get_query_executor() as executor:
-            await executor.execute(
-                link_rows.delete().where(link_rows.c.digest == digest)
-            )
+        return True
     async with database.get_query_executor() as executor:
         await executor.execute(done)
     return True
