@@ -1,8 +1,6 @@
-"""Links mailed to an address (to prove it, to reset the password) and notices to the
-owner. A link's token is random, stored as a digest like a session's, and used once;
-what a stranger can have mailed to an address is capped with the log-in throttle's
-counts. Requests put mail in the outbox (accounts.outbox), the same for every
-address; whether a link or a notice goes is decided as it is sent."""
+"""Links mailed to prove an address or reset a password, and notices to the owner. A
+token is random, stored as a digest, used once; mail to an address is capped with the
+log-in throttle's counts. A link or a notice: decided as the outbox sends it."""
 
 import secrets
 from datetime import UTC, datetime, timedelta
@@ -92,11 +90,8 @@ def lifetime(kind: str) -> timedelta:
 
 
 async def made_link(mail_row: RowMapping, held: datetime, digest: str) -> bool | None:
-    """Store a link for the outbox's row if the account it is for is as it should
-    be: a sign-up's new account, the address's account for a reset, for an email
-    change no account at the address. None if the row is no longer the sender's
-    (`held`): a change ended it. Its lock keeps such a change (which deletes the
-    row before the links) waiting meanwhile; no other lock is taken."""
+    """Store the row's link if its account is as it should be (the new one, the
+    address's, none at a new address); None if a change ended the row meanwhile."""
     users, links, mails = (m.ormar_config.table for m in (Users, Links, Mails))
     now = datetime.now(UTC)
     taken = sqlalchemy.alias(users)
@@ -129,9 +124,7 @@ async def made_link(mail_row: RowMapping, held: datetime, digest: str) -> bool |
 async def compose(
     mail_row: RowMapping, held: datetime
 ) -> tuple[EmailMessage, str] | None:
-    """The message for one of the outbox's rows, and its link's digest ("" for a
-    notice); None if a change ended it. A link is made now: its token is in the
-    message only."""
+    """The row's message and its link's digest ("" for a notice); None if ended."""
     kind, site = mail_row["kind"], settings.PUBLIC_URL
     token = secrets.token_urlsafe(32)  # 256 random bits
     digest = token_digest(token)

@@ -91,9 +91,7 @@ class Links(ormar.Model):
 
 
 class Mails(ormar.Model):
-    """The outbox: a mail to send, written in the transaction of the change that
-    causes it; a sender deletes it once the SMTP server took it. A link's token is
-    made as its mail is sent, so none is stored."""
+    """The outbox: a mail to send (a link's token is made as it is sent)."""
 
     ormar_config = BaseMeta.copy(tablename="mails")
 
@@ -109,9 +107,7 @@ class Mails(ormar.Model):
         related_name="mails",
         index=True,
     )
-    # Indexed: each new row deletes those past their lifetime, everyone's.
     created_at: datetime = ormar.DateTime(timezone=True, index=True)
     tries: int = ormar.Integer(default=0, nullable=False)
-    # Until then a sender holds it (a send under way), or the next try waits.
-    # Indexed: senders take the first due.
+    # Until then a sender holds it, or the next try waits. Indexed: the first due goes.
     due_at: datetime = ormar.DateTime(timezone=True, index=True)

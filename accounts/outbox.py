@@ -1,7 +1,5 @@
-"""The outbox: requests write each mail to send as a row, in the transaction of the
-change that causes it; a task that the app's lifespan runs sends them. Mail survives
-restarts and an SMTP server that is down; several workers and machines share the
-outbox, each row sent by one (twice at most after a crash, never zero times)."""
+"""The outbox: each mail is a row written in the transaction of its change, sent by a
+task the lifespan runs (by one of many processes; twice at most after a crash)."""
 
 import logging
 from collections.abc import AsyncIterator
@@ -29,14 +27,11 @@ stopping = False
 
 
 async def post(kind: str, email: str, user_id: int | None = None) -> None:
-    """Put a mail of `kind` (links.LINKS, links.NOTICES) to `email` in the outbox,
-    in the caller's transaction if there is one; rows past any lifetime go."""
+    """Put a mail of `kind` (links.LINKS, links.NOTICES) to `email` in the outbox."""
     mails = Mails.ormar_config.table
     now = datetime.now(UTC)
     row = {"kind": kind, "email": email, "user_id": user_id, "tries": 0}
     async with database.get_query_executor() as executor:
-        stale = mails.c.created_at <= now - links.ADDRESS_LIFETIME
-        await executor.execute(mails.delete().where(stale))
         await executor.execute(mails.insert().values(**row, created_at=now, due_at=now))
     if woken is not None:
         woken.set()
@@ -55,10 +50,8 @@ async def end_links(user_id: int, email: str) -> None:
 
 
 async def sign_up(email: str, password: str, allowed: bool) -> None:
-    """A new, unverified account and, if `allowed`, its link in the outbox; for an
-    address with an account, a notice instead. The same statements for every
-    address. A stranger may have signed up first: an unverified account's links to
-    prove the address end, made or still in the outbox."""
+    """A new, unverified account and (if `allowed`) its mail, alike for every address;
+    an unverified account's links end, made or in the outbox (a stranger's, maybe)."""
     users, link_rows = Users.ormar_config.table, Links.ormar_config.table
     mails = Mails.ormar_config.table
     now = datetime.now(UTC)

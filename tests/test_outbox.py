@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -142,28 +142,6 @@ async def test_a_sign_up_removes_unverified_accounts_past_their_links_and_no_id_
     again = await Users.objects.get(email="late@example.com")
     newest = await Users.objects.get(email="new@example.com")
     assert again.id > newest.id > late.id
-
-
-async def test_a_mail_posted_removes_those_past_any_lifetime(
-    client: httpx.AsyncClient,
-) -> None:
-    long_ago = datetime.now(UTC) - links.ADDRESS_LIFETIME
-    later = datetime.now(UTC) + timedelta(hours=1)  # not tried meanwhile
-    await Mails.objects.create(
-        kind="password", email="old@example.com", created_at=long_ago, due_at=later
-    )
-    await Mails.objects.create(
-        kind="password",
-        email="kept@example.com",
-        created_at=datetime.now(UTC),
-        due_at=later,
-    )
-    assert (await client.post(RESET, json={"email": "new@example.com"})).is_success
-    await MAILBOX.arrived("new@example.com", 1)
-    with anyio.fail_after(10):  # its row goes once it is sent
-        while await Mails.objects.count() > 1:
-            await anyio.sleep(0.01)
-    assert [m.email for m in await Mails.objects.all()] == ["kept@example.com"]
 
 
 # Sending --------------------------------------------------------------------------
