@@ -94,18 +94,14 @@ async def made_link(mail_row: RowMapping, held: datetime, digest: str) -> bool |
     address's, none at a new address); None if a change ended the row meanwhile."""
     users, links, mails = (m.ormar_config.table for m in (Users, Links, Mails))
     now = datetime.now(UTC)
-    taken = sqlalchemy.alias(users)
+    kind, taken = mail_row["kind"], sqlalchemy.alias(users)
     account = {
         "verify": users.c.id == mails.c.user_id,
         "reset": users.c.email == mails.c.email,
         "email": (users.c.id == mails.c.user_id)
         & ~sqlalchemy.exists().where(taken.c.email == mails.c.email),
-    }[mail_row["kind"]]
-    values = {
-        "digest": digest,
-        "purpose": mail_row["kind"],
-        "expires_at": now + lifetime(mail_row["kind"]),
-    }
+    }[kind]
+    values = {"digest": digest, "purpose": kind, "expires_at": now + lifetime(kind)}
     mine = (mails.c.id == mail_row["id"]) & (mails.c.due_at == held)
     select = sqlalchemy.select(
         users.c.id,
