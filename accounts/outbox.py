@@ -72,25 +72,16 @@ async def sign_up(email: str, password: str, allowed: bool) -> None:
         # The rows first: a link being made for one is then in before the next.
         earlier = mails.update().where(mails.c.kind == "verify", mails.c.email == email)
         await connection.execute(earlier.values(user_id=None))  # a notice now
-        await connection.execute(
-            link_rows.delete().where(
-                link_rows.c.user_id.in_(unverified), link_rows.c.purpose == "verify"
-            )
-        )
+        ended = link_rows.c.user_id.in_(unverified) & (link_rows.c.purpose == "verify")
+        await connection.execute(link_rows.delete().where(ended))
         if allowed:
             await post("verify", email, created)
     # Unverified accounts past their links' lifetime and tries, everyone's.
-    live = sqlalchemy.exists().where(
-        link_rows.c.user_id == users.c.id, link_rows.c.expires_at > now
-    )
+    live = sqlalchemy.exists().where(link_rows.c.user_id == users.c.id)
+    live = live.where(link_rows.c.expires_at > now)
+    old = users.c.created_at <= now - 2 * links.ADDRESS_LIFETIME
     async with database.get_query_executor() as executor:
-        await executor.execute(
-            users.delete().where(
-                ~users.c.is_verified,
-                users.c.created_at <= now - 2 * links.ADDRESS_LIFETIME,
-                ~live,
-            )
-        )
+        await executor.execute(users.delete().where(~users.c.is_verified, old, ~live))
 
 
 async def send_next() -> bool:
@@ -122,9 +113,8 @@ async def send_next() -> bool:
         if not given_up:
             done = mails.update().where(mine).values(tries=tries, due_at=now + retry)
         async with database.get_query_executor() as executor:
-            await executor.execute(
-                link_rows.delete().where(link_rows.c.digest == digest)
-            )
+            unsent = link_rows.delete().where(link_rows.c.digest == digest)
+            await executor.execute(unsent)
             await executor.execute(done)
         logger.error(  # once the row says what follows; never the message (a token)
             "Mail %s (%s) not sent, try %d, %s: %s",
