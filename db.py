@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+from datetime import datetime
 from typing import Any
 
 import ormar
@@ -67,6 +68,8 @@ class Users(ormar.Model):
     is_active: bool = ormar.Boolean(default=True)
     # Whether the owner proved the address (a link mailed at sign-up, or a reset).
     is_verified: bool = ormar.Boolean(default=False)
+    # When a sign-up made it: an unverified account goes a while after its link would.
+    created_at: datetime | None = ormar.DateTime(timezone=True, nullable=True)
 
 
 # SQLite hands a new row the highest id + 1, so without AUTOINCREMENT a new account

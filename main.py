@@ -9,7 +9,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 import accounts
-from accounts import mail
+from accounts import outbox
 from core import errors, health
 from core.body_limit import BodySizeLimit
 from core.settings import settings
@@ -21,7 +21,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not database.is_connected:
         await database.connect()
     await health.check_at_start()  # warns of a database unlike the models
-    async with mail.open_outbox():  # mail goes out while the app runs
+    async with outbox.sending():  # mail goes out while the app runs
         yield
     if database.is_connected:
         await database.disconnect()

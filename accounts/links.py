@@ -1,18 +1,17 @@
-"""Links mailed to an address (to prove it, to reset the password) and notices to the
-owner. A link's token is random, stored as a digest like a session's, and used once;
-what a stranger can have mailed to an address is capped with the log-in throttle's
-counts. The functions that take `allowed` run after the answer, doing the same work
-for every address; creating a link and sending it happen in the outbox."""
+"""Links mailed to prove an address or reset a password, and notices to the owner. A
+token is random, stored as a digest, used once; mail to an address is capped with the
+log-in throttle's counts. A link or a notice: decided as the outbox sends it."""
 
 import secrets
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 
 import sqlalchemy
 from sqlalchemy import RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from accounts import mail, throttle
-from accounts.models import Links
+from accounts.models import Links, Mails
 from accounts.sessions import token_digest
 from core.settings import settings
 from db import Users, database
@@ -44,19 +43,33 @@ LINKS = {
         "If it was not you, ignore this message: your password stays as it is.",
     ),
 }
+# The notice that goes instead of a link of each kind when no link can be made.
+INSTEAD = {"verify": "exists", "reset": "unknown", "email": "taken"}
 NOTICES = {
     "exists": (
         "Someone tried to sign up with your address",
         "Someone tried to sign up at {site} with this address, which has an account\n"
-        "already; the account is as it was. If it was you, log in, or reset your\n"
-        "password if you have forgotten it.",
+        "already. If it was you, log in; if you cannot, reset your password: a reset\n"
+        "lets the address's owner in, whoever signed up first. Links mailed before\n"
+        "to confirm this address no longer work.",
+    ),
+    "unknown": (
+        "Someone asked to reset a password",
+        "Someone asked to reset a password at {site} for this address, but no\n"
+        "account has it. If it was you, you may have signed up with another address.\n"
+        "If it was not you, ignore this message.",
+    ),
+    "taken": (
+        "Someone tried to move an account to your address",
+        "Someone tried to move an account at {site} to this address, which has an\n"
+        "account already; nothing changed. If it was not you, ignore this message.",
     ),
     "password": (
         "Your password was changed",
         "The password of your account at {site} was changed, and every other\n"
         "session ended. If it was not you, reset your password at once.",
     ),
-    "email": (
+    "moved": (
         "Your email address was changed",
         "Your account at {site} now has another email address: this one no longer\n"
         "logs in to it.",
@@ -71,48 +84,58 @@ async def within_cap(kind: str, address: str) -> bool:
     return allowed
 
 
-async def send_link(user: Users, purpose: str, address: str) -> None:
-    """Mail `address` a new link of `purpose` ("verify", "email", "reset") for the
-    account, if it still has the email and password it had when `user` was read."""
-    token = secrets.token_urlsafe(32)  # 256 random bits
+def lifetime(kind: str) -> timedelta:
+    """How long a mail of `kind` is tried for, and its link lives."""
+    return RESET_LIFETIME if kind == "reset" else ADDRESS_LIFETIME
+
+
+async def made_link(mail_row: RowMapping, held: datetime, digest: str) -> bool | None:
+    """Store the row's link if its account is as it should be (the new one, the
+    address's, none at a new address); None if a change ended the row meanwhile."""
+    users, links, mails = (m.ormar_config.table for m in (Users, Links, Mails))
     now = datetime.now(UTC)
-    lifetime = RESET_LIFETIME if purpose == "reset" else ADDRESS_LIFETIME
-    users, links = Users.ormar_config.table, Links.ormar_config.table
-    link = {
-        "digest": token_digest(token),
-        "purpose": purpose,
-        "email": address,
-        "expires_at": now + lifetime,
-    }
-    # A condition of the insert: no link that a change made meanwhile (an email, a
-    # password, a deletion) would have ended. PostgreSQL: a change in progress
-    # commits before this reads the row.
-    account = sqlalchemy.select(
-        users.c.id, *(sqlalchemy.literal(v, links.c[k].type) for k, v in link.items())
-    ).where(
-        users.c.id == user.id,
-        users.c.email == user.email,
-        users.c.password == user.password,
-    )
-    insert = links.insert().from_select(
-        ["user_id", *link], account.with_for_update(read=True)
-    )
-    async with database.get_query_executor() as executor:
-        await executor.execute(links.delete().where(links.c.expires_at <= now))
-        if await executor.fetch_one(insert.returning(links.c.digest)) is None:
-            return
-    subject, text = LINKS[purpose]
-    url = f"{settings.PUBLIC_URL}/{PAGES[purpose]}#token={token}"
-    hours = lifetime // timedelta(hours=1)
-    text = text.format(site=settings.PUBLIC_URL, hours=hours, link=url)
-    await mail.send(mail.message(address, subject, text))
+    kind, taken = mail_row["kind"], sqlalchemy.alias(users)
+    account = {
+        "verify": users.c.id == mails.c.user_id,
+        "reset": users.c.email == mails.c.email,
+        "email": (users.c.id == mails.c.user_id)
+        & ~sqlalchemy.exists().where(taken.c.email == mails.c.email),
+    }[kind]
+    values = {"digest": digest, "purpose": kind, "expires_at": now + lifetime(kind)}
+    mine = (mails.c.id == mail_row["id"]) & (mails.c.due_at == held)
+    select = sqlalchemy.select(
+        users.c.id,
+        mails.c.email,
+        *(sqlalchemy.literal(v, links.c[k].type) for k, v in values.items()),
+    ).where(mine, account)
+    insert = links.insert().from_select(["user_id", "email", *values], select)
+    async with database.transaction(), database.connection() as connection:
+        tried = mails.update().where(mine).values(tries=mails.c.tries + 1)
+        if not (await connection.execute(tried)).rowcount:
+            return None
+        await connection.execute(links.delete().where(links.c.expires_at <= now))
+        return (await connection.execute(insert)).rowcount == 1
 
 
-def notify(address: str, notice: str) -> None:
-    """Mail `address` one of the NOTICES, in the outbox."""
-    subject, text = NOTICES[notice]
-    message = mail.message(address, subject, text.format(site=settings.PUBLIC_URL))
-    mail.later(mail.send, message)
+async def compose(
+    mail_row: RowMapping, held: datetime
+) -> tuple[EmailMessage, str] | None:
+    """The row's message and its link's digest ("" for a notice); None if ended."""
+    kind, site = mail_row["kind"], settings.PUBLIC_URL
+    token = secrets.token_urlsafe(32)  # 256 random bits
+    digest = token_digest(token)
+    made = await made_link(mail_row, held, digest) if kind in LINKS else False
+    if made is None:
+        return None
+    if made:
+        subject, text = LINKS[kind]
+        url = f"{site}/{PAGES[kind]}#token={token}"
+        hours = lifetime(kind) // timedelta(hours=1)
+        text = text.format(site=site, hours=hours, link=url)
+    else:
+        subject, text = NOTICES[INSTEAD.get(kind, kind)]
+        text, digest = text.format(site=site), ""
+    return mail.message(mail_row["email"], subject, text), digest
 
 
 async def use_link(token: str, *purposes: str) -> RowMapping | None:
@@ -134,32 +157,3 @@ def is_unique_violation(error: IntegrityError) -> bool:
     postgresql_code = getattr(error.orig, "sqlstate", None)
     sqlite_code = getattr(error.orig, "sqlite_errorname", None)
     return postgresql_code == "23505" or sqlite_code == "SQLITE_CONSTRAINT_UNIQUE"
-
-
-async def sign_up(email: str, password: str, allowed: bool) -> None:
-    """A new, unverified account and its link; for a taken address, a notice, and
-    the account stays as it is (its password, its links)."""
-    try:
-        user = await Users.objects.create(email=email, password=password)
-    except IntegrityError as error:
-        if not is_unique_violation(error):
-            raise
-        user = None
-    if user is not None:  # made once per account: its link is not capped
-        mail.later(send_link, user, "verify", email)
-    elif allowed:
-        notify(email, "exists")
-
-
-async def reset_requested(email: str, allowed: bool) -> None:
-    """A reset link, if the address has an account."""
-    user = await Users.objects.get_or_none(email=email)
-    if allowed and user is not None:
-        mail.later(send_link, user, "reset", email)
-
-
-async def email_change_requested(user: Users, email: str, allowed: bool) -> None:
-    """A link to the new address, unless an account has it."""
-    taken = await Users.objects.filter(email=email).exists()
-    if allowed and not taken:
-        mail.later(send_link, user, "email", email)

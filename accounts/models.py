@@ -1,5 +1,5 @@
 """The accounts' own tables, beside `Users` in db.py: sessions, log-in counts, devices,
-mailed links."""
+mailed links, the outbox."""
 
 from datetime import datetime
 
@@ -88,3 +88,26 @@ class Links(ormar.Model):
     )
     # Indexed: each new link deletes the expired ones, everyone's.
     expires_at: datetime = ormar.DateTime(timezone=True, index=True)
+
+
+class Mails(ormar.Model):
+    """The outbox: a mail to send (a link's token is made as it is sent)."""
+
+    ormar_config = BaseMeta.copy(tablename="mails")
+
+    id: int = ormar.Integer(primary_key=True)
+    kind: str = ormar.String(max_length=16)  # one of accounts.links.MAILS
+    email: str = ormar.String(max_length=Links.ormar_config.table.c.email.type.length)  # type: ignore[attr-defined]
+    # The account it is for, if the request knew it (an email change, a new account).
+    user: Users | None = ormar.ForeignKey(
+        Users,
+        name="user_id",
+        nullable=True,
+        ondelete=ormar.ReferentialAction.CASCADE,
+        related_name="mails",
+        index=True,
+    )
+    created_at: datetime = ormar.DateTime(timezone=True, index=True)
+    tries: int = ormar.Integer(default=0, nullable=False)
+    # Until then a sender holds it, or the next try waits. Indexed: the first due goes.
+    due_at: datetime = ormar.DateTime(timezone=True, index=True)

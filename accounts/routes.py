@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 from fastapi import (
     APIRouter,
-    BackgroundTasks,
     Depends,
     HTTPException,
     Request,
@@ -18,8 +17,8 @@ from fastapi.security import OAuth2PasswordRequestForm
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from accounts import links, passwords, sessions, throttle
-from accounts.models import Devices, Links, Tokens
+from accounts import links, outbox, passwords, sessions, throttle
+from accounts.models import Devices, Tokens
 from accounts.schemas import (
     CREDENTIALS,
     EmailVerification,
@@ -75,9 +74,7 @@ async def changed_meanwhile(user: Users) -> HTTPException:
 
 
 @router.post("/users", status_code=status.HTTP_202_ACCEPTED, responses=TOO_MANY)
-async def create_user(
-    body: UserCreate, client: ClientAddress, background: BackgroundTasks
-) -> Message:
+async def create_user(body: UserCreate, client: ClientAddress) -> Message:
     """Sign up: the address is mailed a link that proves it (for
     `POST /auth/verify-email`), or, if it has an account, a notice."""
     await throttle.count_request("sign-up", client)  # before any hashing
@@ -86,7 +83,7 @@ async def create_user(
         client, passwords.hash_password, body.password
     )
     allowed = await links.within_cap("sign-up", body.email)
-    background.add_task(links.sign_up, body.email, password, allowed)
+    await outbox.sign_up(body.email, password, allowed)
     return SIGNED_UP
 
 
@@ -98,38 +95,40 @@ async def create_user(
 async def verify_email(body: EmailVerification) -> None:
     """Prove an address with the token of a link mailed to it: a sign-up's, or an
     email change's, which then takes effect."""
-    link = await links.use_link(body.token, "verify", "email")
-    user = await Users.objects.get_or_none(id=link["user_id"]) if link else None
-    if link is None or user is None:
-        raise BAD_LINK
-    # A sign-up's link proves the address the account has; a change's, the new one.
-    current = link["email"] if link["purpose"] == "verify" else user.email
-    try:
-        proven = await Users.objects.filter(id=user.id, email=current).update(
-            email=link["email"], is_verified=True
-        )
-    except IntegrityError as error:  # the new address has an account by now
-        if not links.is_unique_violation(error):
-            raise
-        proven = 0
-    if not proven:
-        raise BAD_LINK
-    if link["email"] != user.email:  # the old address's links go with it
-        await Links.objects.filter(user=user.id).delete()
-        links.notify(user.email, "email")
+    async with database.transaction():  # a 400 leaves all as it was
+        link = await links.use_link(body.token, "verify", "email")
+        user = await Users.objects.get_or_none(id=link["user_id"]) if link else None
+        if link is None or user is None:
+            raise BAD_LINK
+        # A sign-up's link proves the address the account has; a change's, the new.
+        current = link["email"] if link["purpose"] == "verify" else user.email
+        if link["email"] != user.email:  # the old address's links go with it
+            await outbox.end_links(user.id, user.email)
+        try:
+            proven = await Users.objects.filter(id=user.id, email=current).update(
+                email=link["email"], is_verified=True
+            )
+        except IntegrityError as error:  # the new address has an account by now
+            if not links.is_unique_violation(error):
+                raise
+            proven = 0
+        if not proven:
+            raise BAD_LINK
+        if link["email"] != user.email:
+            await outbox.post("moved", user.email)
 
 
 @router.post(
     "/auth/password-reset", status_code=status.HTTP_202_ACCEPTED, responses=TOO_MANY
 )
 async def request_password_reset(
-    body: PasswordResetRequest, client: ClientAddress, background: BackgroundTasks
+    body: PasswordResetRequest, client: ClientAddress
 ) -> Message:
     """Mail a link to choose a new password (for `POST /auth/password-reset/confirm`)
-    if the address has an account."""
+    if the address has an account; if not, a notice that no account has it."""
     await throttle.count_request("password reset", client)
-    allowed = await links.within_cap("reset", body.email)
-    background.add_task(links.reset_requested, body.email, allowed)
+    if await links.within_cap("reset", body.email):  # a link, or a notice
+        await outbox.post("reset", body.email)
     return RESET_REQUESTED
 
 
@@ -153,10 +152,11 @@ async def reset_password(
         user = link["user_id"]
         await Users.objects.filter(id=user).update(password=password, is_verified=True)
         # A stranger's password, sessions and links from before do not survive it.
-        for table in (Tokens, Devices, Links):
+        for table in (Tokens, Devices):
             await table.objects.filter(user=user).delete()
         await throttle.add_device(request, response, user)
-    links.notify(link["email"], "password")
+        await outbox.end_links(user, link["email"])
+        await outbox.post("password", link["email"])
 
 
 @router.post(
@@ -234,7 +234,6 @@ async def update_me(
     digest: PresentedDigest,
     client: ClientAddress,
     device: DeviceCookie,
-    background: BackgroundTasks,
 ) -> Users | JSONResponse:
     """Change the fields sent (null clears one); the email and the password need
     `current_password`, other fields (see `UserUpdate`) do not. A new email takes
@@ -266,13 +265,12 @@ async def update_me(
             await Tokens.objects.filter(user=me.id).exclude(digest=digest).delete()
             mine = throttle.device_digest(device, me.id) if device else None
             await Devices.objects.filter(user=me.id).exclude(digest=mine).delete()
-            await Links.objects.filter(user=me.id).delete()
-    if "password" in changes:
-        links.notify(me.email, "password")
+            await outbox.end_links(me.id, me.email)
+            await outbox.post("password", me.email)
     me.update_from_dict(changes)
-    if email is not None:  # looked up after the answer: taken or not, alike
-        allowed = await links.within_cap("email", email)
-        background.add_task(links.email_change_requested, me, email, allowed)
+    if email is not None:  # a link, or if the address is taken a notice
+        if await links.within_cap("email", email):
+            await outbox.post("email", email, me.id)
         return JSONResponse(
             EMAIL_CHANGE_REQUESTED.model_dump(), status.HTTP_202_ACCEPTED
         )

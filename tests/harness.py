@@ -54,6 +54,7 @@ os.environ["DATABASE_URL"] = TEST_DATABASE_URL  # the app under test and alembic
 SMTP_PORT = free_port()  # aiosmtpd's Controller cannot take port 0
 os.environ["SMTP_URL"] = f"smtp://127.0.0.1:{SMTP_PORT}"
 
+import anyio  # noqa: E402
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 from aiosmtpd.controller import Controller  # noqa: E402
@@ -63,8 +64,8 @@ from asgi_lifespan import LifespanManager  # noqa: E402
 from cheap_hashing import CHEAP_DUMMY_HASH, CHEAP_HASH  # noqa: E402
 
 import main  # noqa: E402
-from accounts import passwords  # noqa: E402
-from accounts.models import LogInAttempts  # noqa: E402
+from accounts import outbox, passwords  # noqa: E402
+from accounts.models import LogInAttempts, Mails  # noqa: E402
 from accounts.schemas import UserRead  # noqa: E402
 from db import Users  # noqa: E402
 from support import (  # noqa: E402
@@ -183,6 +184,24 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
             transport=transport, base_url="http://test"
         ) as client:
             yield client
+        if Mails.ormar_config.database.is_connected:  # (a test may have cut it)
+            await Mails.objects.delete(each=True)  # none sent into the next test
+
+
+async def hold_outbox(patch: pytest.MonkeyPatch) -> None:
+    """Make the running app's outbox sender wait until `patch` is undone, from between
+    two of its queries: it holds no connection, and runs none meanwhile."""
+    idle = anyio.Event()
+
+    async def nothing_sent() -> bool:
+        idle.set()
+        return False
+
+    patch.setattr(outbox, "send_next", nothing_sent)
+    if outbox.woken is not None:
+        outbox.woken.set()
+    with anyio.fail_after(5):
+        await idle.wait()
 
 
 @pytest.fixture

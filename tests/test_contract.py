@@ -19,6 +19,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, Body, Form
 from fastapi.routing import iter_route_contexts
+from harness import hold_outbox
 from pydantic import BaseModel
 from sqlalchemy import make_url
 
@@ -140,6 +141,8 @@ async def unreachable_database() -> AsyncIterator[None]:
     else:
         unreachable = url.set(host="127.0.0.1", port=9)  # nothing listens there
     original = database._url
+    patch = pytest.MonkeyPatch()
+    await hold_outbox(patch)  # a connection it held at the disconnect would stay open
     await database.disconnect()
     database._url = unreachable.render_as_string(hide_password=False)
     await database.connect()
@@ -154,6 +157,7 @@ async def unreachable_database() -> AsyncIterator[None]:
                 await anyio.sleep(0.01)
         database._url = original
         await database.connect()
+        patch.undo()
 
 
 def validate(response: httpx.Response) -> None:
