@@ -28,13 +28,14 @@ LINKS = {
     "verify": (
         "Confirm your email address",
         f"Someone, hopefully you, signed up at {{site}} with this address.\n"
-        f"To confirm it, open this link within {{hours}} h:\n\n{{link}}\n\n{IF_NOT_YOU}",
+        f"To confirm it, open this link within {{hours}} h, and enter the password\n"
+        f"you signed up with:\n\n{{link}}\n\n{IF_NOT_YOU}",
     ),
     "email": (
         "Confirm your new email address",
         f"Someone, hopefully you, asked to move their account at {{site}} to this\n"
-        f"address. To confirm it, open this link within {{hours}} h:\n\n{{link}}\n\n"
-        f"{IF_NOT_YOU}",
+        f"address. To confirm it, open this link within {{hours}} h, and enter the\n"
+        f"account's password:\n\n{{link}}\n\n{IF_NOT_YOU}",
     ),
     "reset": (
         "Reset your password",
@@ -138,15 +139,29 @@ async def compose(
     return mail.message(mail_row["email"], subject, text), digest
 
 
+def live(token: str, purposes: tuple[str, ...]) -> sqlalchemy.ColumnElement[bool]:
+    """Where the token's link is, if it is live and for one of `purposes`."""
+    links = Links.ormar_config.table
+    return (
+        (links.c.digest == token_digest(token))
+        & links.c.purpose.in_(purposes)
+        & (links.c.expires_at > datetime.now(UTC))
+    )
+
+
+async def find_link(token: str, *purposes: str) -> RowMapping | None:
+    """The token's link if it is live and for one of `purposes`, left as it is."""
+    links = Links.ormar_config.table
+    found = sqlalchemy.select(links.c.user_id, links.c.purpose, links.c.email)
+    async with database.get_query_executor() as executor:
+        return await executor.fetch_one(found.where(live(token, purposes)))
+
+
 async def use_link(token: str, *purposes: str) -> RowMapping | None:
     """Delete the token's link if it is live and for one of `purposes`; what it was
     (`user_id`, `purpose`, `email`). One statement: of two uses at once, one wins."""
     links = Links.ormar_config.table
-    used = links.delete().where(
-        links.c.digest == token_digest(token),
-        links.c.purpose.in_(purposes),
-        links.c.expires_at > datetime.now(UTC),
-    )
+    used = links.delete().where(live(token, purposes))
     async with database.get_query_executor() as executor:
         return await executor.fetch_one(
             used.returning(links.c.user_id, links.c.purpose, links.c.email)

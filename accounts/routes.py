@@ -59,7 +59,9 @@ async def check_current_password(
     user: Users, password: str, client: str, device: str | None
 ) -> None:
     """403 unless `password` is the user's; counted like a log-in (429 past it)."""
-    valid, _ = await throttle.check_password(password, user, user.email, client, device)
+    valid, _ = await throttle.check_password(
+        password, user, user.email, client, device, held=True
+    )
     if not valid:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "Wrong current password")
 
@@ -90,24 +92,32 @@ async def create_user(body: UserCreate, client: ClientAddress) -> Message:
 @router.post(
     "/auth/verify-email",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=LINK_ANSWERS,
+    responses={**LINK_ANSWERS, **WRONG_PASSWORD, **TOO_MANY},
 )
-async def verify_email(body: EmailVerification) -> None:
-    """Prove an address with the token of a link mailed to it: a sign-up's, or an
-    email change's, which then takes effect."""
+async def verify_email(
+    body: EmailVerification, client: ClientAddress, device: DeviceCookie
+) -> None:
+    """Prove an address with the token of a link mailed to it and the account's
+    password: a sign-up's, or an email change's, which then takes effect."""
+    link = await links.find_link(body.token, "verify", "email")
+    user = await Users.objects.get_or_none(id=link["user_id"]) if link else None
+    if link is None or user is None:
+        raise BAD_LINK
+    # The mail's reader alone cannot prove an account a stranger made with (or
+    # wants to move to) their address: the stranger's password would log in to it.
+    await check_current_password(user, body.password, client, device)
     async with database.transaction():  # a 400 leaves all as it was
         link = await links.use_link(body.token, "verify", "email")
-        user = await Users.objects.get_or_none(id=link["user_id"]) if link else None
-        if link is None or user is None:
+        if link is None or link["user_id"] != user.id:
             raise BAD_LINK
         # A sign-up's link proves the address the account has; a change's, the new.
         current = link["email"] if link["purpose"] == "verify" else user.email
         if link["email"] != user.email:  # the old address's links go with it
             await outbox.end_links(user.id, user.email)
         try:
-            proven = await Users.objects.filter(id=user.id, email=current).update(
-                email=link["email"], is_verified=True
-            )
+            proven = await Users.objects.filter(
+                id=user.id, email=current, password=user.password
+            ).update(email=link["email"], is_verified=True)
         except IntegrityError as error:  # the new address has an account by now
             if not links.is_unique_violation(error):
                 raise

@@ -82,6 +82,7 @@ LinkToken = Annotated[str, Field(max_length=64)]
 
 class EmailVerification(BaseModel):
     token: LinkToken
+    password: CurrentPassword  # the account's: whoever signed up or asked to move it
 
 
 class PasswordResetRequest(BaseModel):

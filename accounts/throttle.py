@@ -194,9 +194,16 @@ async def add_device(request: Request, response: Response, user_id: int) -> None
 
 
 async def check_password(
-    password: str, user: Users | None, account: str, client: str, cookie: str | None
+    password: str,
+    user: Users | None,
+    account: str,
+    client: str,
+    cookie: str | None,
+    held: bool = False,
 ) -> tuple[bool, str | None]:
-    """verify_password, counted per known device, or per address and per account."""
+    """verify_password, counted per known device, or per address and per account.
+    A right one is no guess if it logs in, or if the client `held` the account's
+    session or link (else the 429's delay would tell a right password from a wrong)."""
     known = None
     if cookie is not None:
         # Looked up for an unknown email too (as id 0, no account's), to take as long.
@@ -219,7 +226,7 @@ async def check_password(
     valid, new_hash = await in_hashing_thread(
         client, passwords.verify_password, password, stored_hash, first=count
     )
-    if valid and user is not None and user.is_active and user.is_verified:
+    if valid and user is not None and (held or user.is_active and user.is_verified):
         # Not a guess: this client's count restarts, one is taken off the account's.
         table = LogInAttempts.ormar_config.table
         taken_back = table.update().where(table.c.digest == everyone)

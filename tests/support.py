@@ -162,8 +162,9 @@ async def sign_up_on(
     mailed = len(MAILBOX.to(email))
     response = await client.post("/users", json={"email": email, "password": password})
     assert response.status_code == 202, response.text
-    token = {"token": link_token(await MAILBOX.arrived(email, mailed + 1))}
-    response = await client.post("/auth/verify-email", json=token)
+    token = link_token(await MAILBOX.arrived(email, mailed + 1))
+    body = {"token": token, "password": password}
+    response = await client.post("/auth/verify-email", json=body)
     assert response.status_code == 204, response.text
 
 
@@ -172,8 +173,8 @@ def sign_up_with(client: httpx.Client, email: str, password: str = PASSWORD) -> 
     mailed = len(MAILBOX.to(email))
     response = client.post("/users", json={"email": email, "password": password})
     assert response.status_code == 202, response.text
-    token = {"token": link_token(MAILBOX.wait(email, mailed + 1))}
-    assert client.post("/auth/verify-email", json=token).status_code == 204
+    body = {"token": link_token(MAILBOX.wait(email, mailed + 1)), "password": password}
+    assert client.post("/auth/verify-email", json=body).status_code == 204
 
 
 async def log_in_on(

@@ -184,7 +184,8 @@ def confirm_email(browser: Browser, server: Server, document: dict[str, Any]) ->
         )
         time.sleep(0.1)
     path = "/auth/verify-email"
-    status, _ = try_it_out(browser, "post", path, {"token": link[1]})
+    body = {"token": link[1], "password": PASSWORD}
+    status, _ = try_it_out(browser, "post", path, body)
     assert status == declared_success(document, "post", path)
 
 

@@ -155,7 +155,9 @@ async def test_sign_up_answers_alike_for_a_new_an_unverified_and_a_taken_address
     first = (await MAILBOX.arrived("new@example.com", 1)).get_content()
     if "#token=" in first:
         token = first.split("#token=")[1].split()[0]
-        assert (await client.post(VERIFY, json={"token": token})).json() == BAD_LINK
+        assert (
+            await client.post(VERIFY, json={"token": token, "password": PASSWORD})
+        ).json() == BAD_LINK
     await log_in("taken@example.com")
     for email in ("new@example.com", "taken@example.com"):
         user = await Users.objects.get(email=email)
@@ -344,7 +346,7 @@ async def test_a_link_is_used_once_even_by_requests_at_once(
 
         body = {"token": reset_token, "password": NEW_PASSWORD}
         assert await at_once(client_at, CONFIRM, body) == [204] + [400] * 9
-        body = {"token": verify_token}
+        body = {"token": verify_token, "password": PASSWORD}
         assert await at_once(client_at, VERIFY, body) == [204] + [400] * 9
 
 
@@ -359,10 +361,12 @@ async def test_a_bad_used_or_expired_token_is_a_400(
     live = await link_to("ann@example.com", 3)
     for bad in ["", "not-a-token", "x" * 64, token]:
         assert (await reset(client, bad)).json() == BAD_LINK
-        response = await client.post(VERIFY, json={"token": bad})
+        response = await client.post(VERIFY, json={"token": bad, "password": PASSWORD})
         assert (response.status_code, response.json()) == (400, BAD_LINK)
     # A reset link proves no address, and verify-email does not use it up.
-    assert (await client.post(VERIFY, json={"token": live})).status_code == 400
+    assert (
+        await client.post(VERIFY, json={"token": live, "password": PASSWORD})
+    ).status_code == 400
     assert (await reset(client, live)).status_code == 204
     assert (await reset(client, live)).status_code == 400  # used
 
@@ -401,7 +405,9 @@ async def test_every_link_dies_when_the_password_changes(
     change = {"password": NEW_PASSWORD, "current_password": PASSWORD}
     assert (await client.patch(ME, json=change, headers=ann.headers)).status_code == 200
     assert (await reset(client, reset_token)).json() == BAD_LINK
-    assert (await client.post(VERIFY, json={"token": move_token})).json() == BAD_LINK
+    assert (
+        await client.post(VERIFY, json={"token": move_token, "password": PASSWORD})
+    ).json() == BAD_LINK
     notice = await MAILBOX.arrived("ann@example.com", 3)
     assert notice["Subject"] == "Your password was changed"
     assert (await client.get(ME, headers=ann.headers)).json() == ann.user
@@ -463,9 +469,13 @@ async def test_an_email_change_link_dies_when_the_email_changes(
     )
     reset_token = await link_to("ann@example.com", 2)
 
-    assert (await client.post(VERIFY, json={"token": second})).status_code == 204
+    assert (
+        await client.post(VERIFY, json={"token": second, "password": PASSWORD})
+    ).status_code == 204
     # The old address's links go with it: the other change's, the reset's.
-    assert (await client.post(VERIFY, json={"token": first})).json() == BAD_LINK
+    assert (
+        await client.post(VERIFY, json={"token": first, "password": PASSWORD})
+    ).json() == BAD_LINK
     assert (await reset(client, reset_token)).json() == BAD_LINK
     assert (await client.get(ME, headers=ann.headers)).json()["email"] == (
         "second@example.com"
@@ -479,7 +489,9 @@ async def test_a_confirmed_change_to_an_address_taken_meanwhile_is_a_400(
     await client.patch(ME, json=change, headers=ann.headers)
     token = await link_to("bob@example.com")
     await sign_up("bob@example.com")
-    assert (await client.post(VERIFY, json={"token": token})).json() == BAD_LINK
+    assert (
+        await client.post(VERIFY, json={"token": token, "password": PASSWORD})
+    ).json() == BAD_LINK
     assert (await client.get(ME, headers=ann.headers)).json() == ann.user
 
 
@@ -505,7 +517,9 @@ async def test_a_strangers_password_and_links_do_not_survive_the_owners_reset(
         await request_reset(client, "owner@example.com")
         assert (await reset(client, await link_to("owner@example.com", 4))).is_success
         for token in strangers_links:
-            assert (await client.post(VERIFY, json={"token": token})).status_code == 400
+            assert (
+                await client.post(VERIFY, json={"token": token, "password": PASSWORD})
+            ).status_code == 400
             assert (await reset(stranger, token)).status_code == 400
         owners_first = form("owner@example.com", PASSWORD)  # set nothing at sign-up
         assert (await stranger.post(TOKEN, data=owners_first)).status_code == 401
@@ -583,7 +597,9 @@ async def test_without_smtp_url_each_message_is_written_whole_to_the_log(
     assert "To: ann@example.com" in caplog.text
     assert "Subject: Confirm your email address" in caplog.text
     token = caplog.text.split("#token=")[1].split()[0]
-    assert (await client.post(VERIFY, json={"token": token})).status_code == 204
+    assert (
+        await client.post(VERIFY, json={"token": token, "password": PASSWORD})
+    ).status_code == 204
     assert MAILBOX.to("ann@example.com") == []
 
 
@@ -612,7 +628,9 @@ async def test_with_smtp_down_each_try_is_logged_at_once_and_the_mail_comes_late
 
     monkeypatch.setattr(settings, "SMTP_URL", working)  # mail works again
     token = await link_to("ann@example.com")
-    assert (await client.post(VERIFY, json={"token": token})).status_code == 204
+    assert (
+        await client.post(VERIFY, json={"token": token, "password": PASSWORD})
+    ).status_code == 204
     assert (await client.post(TOKEN, data=form("ann@example.com"))).status_code == 200
     assert len(MAILBOX.to("ann@example.com")) == 1
     assert await Links.objects.count() == 0  # the failed tries' links went too
@@ -761,7 +779,9 @@ async def test_without_smtp_url_the_server_writes_each_message_to_its_output(
             assert (await client.post(USERS, json=body)).status_code == 202
             # What a developer copies from the output of `pipenv run serve`.
             token = (await log_match(server, r"#token=([A-Za-z0-9_-]+)"))[1]
-            assert (await client.post(VERIFY, json={"token": token})).status_code == 204
+            assert (
+                await client.post(VERIFY, json={"token": token, "password": PASSWORD})
+            ).status_code == 204
             assert (await client.post(TOKEN, data=form("ann@example.com"))).is_success
     log = server.log()
     assert "To: ann@example.com\nSubject: Confirm your email address" in log

@@ -33,6 +33,7 @@ from support import (
     PASSWORD,
     ClientAt,
     LoggedIn,
+    LogIn,
     SignUp,
     StartServer,
     a_password,
@@ -75,7 +76,9 @@ async def test_a_strangers_sign_up_link_dies_when_the_owner_signs_up_and_a_reset
         notice = await MAILBOX.arrived("owner@example.com", 2)
         assert "#token=" not in notice.get_content()
         assert "reset your password" in notice.get_content()
-        confirmed = await client.post(VERIFY, json={"token": strangers_link})
+        confirmed = await client.post(
+            VERIFY, json={"token": strangers_link, "password": PASSWORD}
+        )
         assert confirmed.status_code == 400
         for password in (STRANGERS, PASSWORD):
             refused = await stranger.post(
@@ -91,12 +94,45 @@ async def test_a_strangers_sign_up_link_dies_when_the_owner_signs_up_and_a_reset
         body = {"token": token, "password": NEW_PASSWORD}
         assert (await client.post(CONFIRM, json=body)).status_code == 204
         assert (
-            await client.post(VERIFY, json={"token": strangers_link})
+            await client.post(
+                VERIFY, json={"token": strangers_link, "password": PASSWORD}
+            )
         ).status_code == 400
         refused = await stranger.post(TOKEN, data=form("owner@example.com", STRANGERS))
         assert refused.status_code == 401
     owner = await client.post(TOKEN, data=form("owner@example.com", NEW_PASSWORD))
     assert owner.status_code == 200
+
+
+async def test_an_owner_who_opens_a_strangers_sign_up_link_proves_no_account(
+    client: httpx.AsyncClient, client_at: ClientAt
+) -> None:
+    async with client_at("192.0.2.66") as stranger:
+        body = {"email": "owner@example.com", "password": STRANGERS}
+        assert (await stranger.post(USERS, json=body)).status_code == 202
+        strangers_link = link_token(await MAILBOX.arrived("owner@example.com", 1))
+        # The owner never signed up, but opens the link with the password she has.
+        body = {"token": strangers_link, "password": PASSWORD}
+        assert (await client.post(VERIFY, json=body)).status_code == 403
+        refused = await stranger.post(TOKEN, data=form("owner@example.com", STRANGERS))
+        assert refused.status_code == 401
+
+
+async def test_an_owner_who_opens_a_strangers_email_change_link_moves_no_account(
+    client: httpx.AsyncClient, client_at: ClientAt, sign_up: SignUp, log_in: LogIn
+) -> None:
+    await sign_up("stranger@example.com", STRANGERS)
+    headers = await log_in("stranger@example.com", STRANGERS)
+    async with client_at("192.0.2.66") as stranger:
+        body = {"email": "owner@example.com", "current_password": STRANGERS}
+        assert (await stranger.patch(ME, json=body, headers=headers)).status_code == 202
+        strangers_link = link_token(await MAILBOX.arrived("owner@example.com", 1))
+        body = {"token": strangers_link, "password": PASSWORD}
+        assert (await client.post(VERIFY, json=body)).status_code == 403
+        refused = await stranger.post(TOKEN, data=form("owner@example.com", STRANGERS))
+        assert refused.status_code == 401
+        kept = await stranger.post(TOKEN, data=form("stranger@example.com", STRANGERS))
+        assert kept.status_code == 200
 
 
 async def test_a_strangers_sign_up_still_in_the_outbox_sends_no_link_after_the_owners(
@@ -271,7 +307,9 @@ async def test_a_sign_up_answered_before_a_sigkill_is_mailed_after_a_restart(
         with start_server(migrated_url, *SERVE_OPTIONS, env=smtp_url) as server:
             token = link_token(await MAILBOX.arrived("ann@example.com", 1))
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-                verified = await client.post(VERIFY, json={"token": token})
+                verified = await client.post(
+                    VERIFY, json={"token": token, "password": PASSWORD}
+                )
                 assert verified.status_code == 204
                 assert (
                     await client.post(TOKEN, data=form("ann@example.com"))

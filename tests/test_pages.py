@@ -226,12 +226,19 @@ def test_the_mailed_link_confirms_the_address_in_a_browser_once(
     link = mailed_link(server, "vic@example.com", PAGES["verify"])
     opened(chromium, server, link)
     assert log_in(server, "vic@example.com", PASSWORD) == 401  # opening is no click
+    password = chromium.find_element(By.ID, "password")
+    password.send_keys(NEW_PASSWORD)  # not the account's
+    assert "Wrong password" in submitted(chromium)
+    assert log_in(server, "vic@example.com", PASSWORD) == 401
+    password.clear()
+    password.send_keys(PASSWORD)
     assert "confirmed" in submitted(chromium)
     assert chromium.find_element(By.ID, "result").get_attribute("class") == "done"
     assert log_in(server, "vic@example.com", PASSWORD) == 200
     assert chromium.find_element(By.LINK_TEXT, "the API's documentation")
 
     opened(chromium, server, link)  # used
+    chromium.find_element(By.ID, "password").send_keys(PASSWORD)
     assert "invalid, used or expired" in submitted(chromium)
     assert chromium.find_element(By.ID, "result").get_attribute("class") == "failed"
     assert refused_by_the_policy(chromium, server) == []
@@ -244,7 +251,8 @@ def test_the_mailed_link_sets_a_new_password_in_a_browser_that_then_logs_in(
     signed_up(server, "wes@example.com")
     token = urlsplit(mailed_link(server, "wes@example.com", PAGES["verify"])).fragment
     verify = f"{server.url}{url('verify_email')}"
-    assert httpx.post(verify, json={"token": token.split("=")[1]}).status_code == 204
+    body = {"token": token.split("=")[1], "password": PASSWORD}
+    assert httpx.post(verify, json=body).status_code == 204
     reset = f"{server.url}{url('request_password_reset')}"
     assert httpx.post(reset, json={"email": "wes@example.com"}).status_code == 202
     opened(chromium, server, mailed_link(server, "wes@example.com", PAGES["reset"]))
