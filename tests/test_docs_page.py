@@ -48,9 +48,11 @@ CHROMIUM_FLAGS = (
 TIMEOUT = 30  # seconds for anything the page waits on: argon2 on a busy machine
 
 
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    """Headless Chromium (or Chrome) that records every request its pages make."""
+@contextmanager
+def headless_chromium(logs: tuple[str, ...] = ("performance",)) -> Iterator[Browser]:
+    """Headless Chromium (or Chrome, at CHROME_BIN) through the chromedriver installed
+    beside it, keeping the `logs` named ("browser": its console; "performance": every
+    request of its pages)."""
     chromedriver = shutil.which("chromedriver")
     if chromedriver is None:
         pytest.skip(
@@ -60,7 +62,7 @@ def browser() -> Iterator[Browser]:
     options = webdriver.ChromeOptions()
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    options.set_capability("goog:loggingPrefs", dict.fromkeys(logs, "ALL"))
     # chromedriver starts the browser it finds, unless CHROME_BIN names one (GitHub's
     # runners set it to their Chrome, which their chromedriver matches).
     if "CHROME_BIN" in os.environ:
@@ -70,6 +72,12 @@ def browser() -> Iterator[Browser]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    with headless_chromium() as driver:
+        yield driver
 
 
 @pytest.fixture

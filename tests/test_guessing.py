@@ -11,7 +11,6 @@ clients send from other loopback addresses, which uvicorn reports as other clien
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,8 +24,8 @@ import httpx
 import pytest
 from harness import copy_of, running_server
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
+from test_docs_page import headless_chromium
 from test_throttle import SERVE_OPTIONS
 
 import main
@@ -368,22 +367,8 @@ async def test_the_device_cookie_is_httponly_samesite_strict_and_not_secure_on_h
 
 @pytest.fixture
 def chromium() -> Iterator[webdriver.Chrome]:
-    """Headless Chromium (or Chrome, at CHROME_BIN), through the chromedriver installed
-    beside it (Debian: `apt-get install chromium chromium-driver`)."""
-    chromedriver = shutil.which("chromedriver")
-    if chromedriver is None:
-        pytest.skip("no chromedriver: install Debian's chromium and chromium-driver")
-    options = webdriver.ChromeOptions()
-    # --no-sandbox lets it run as root, as CI does here; the rest keep its own traffic out.
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"):
-        options.add_argument(flag)
-    if "CHROME_BIN" in os.environ:
-        options.binary_location = os.environ["CHROME_BIN"]
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    try:
+    with headless_chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def device_cookies(browser: webdriver.Chrome) -> list[str]:

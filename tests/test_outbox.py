@@ -63,13 +63,18 @@ def form(email: str, password: str = PASSWORD) -> dict[str, str]:
 # No pre-hijacking ---------------------------------------------------------------
 
 
+async def strangers_sign_up(stranger: httpx.AsyncClient) -> str:
+    """A stranger signs up with the owner's address: the link mailed to it."""
+    body = {"email": "owner@example.com", "password": STRANGERS}
+    assert (await stranger.post(USERS, json=body)).status_code == 202
+    return link_token(await MAILBOX.arrived("owner@example.com", 1))
+
+
 async def test_a_strangers_sign_up_link_dies_when_the_owner_signs_up_and_a_reset_lets_her_in(
     client: httpx.AsyncClient, client_at: ClientAt
 ) -> None:
     async with client_at("192.0.2.66") as stranger:
-        body = {"email": "owner@example.com", "password": STRANGERS}
-        assert (await stranger.post(USERS, json=body)).status_code == 202
-        strangers_link = link_token(await MAILBOX.arrived("owner@example.com", 1))
+        strangers_link = await strangers_sign_up(stranger)
         # The owner signs up later, then opens every link she gets.
         body = {"email": "owner@example.com", "password": PASSWORD}
         assert (await client.post(USERS, json=body)).status_code == 202
@@ -108,9 +113,7 @@ async def test_an_owner_who_opens_a_strangers_sign_up_link_proves_no_account(
     client: httpx.AsyncClient, client_at: ClientAt
 ) -> None:
     async with client_at("192.0.2.66") as stranger:
-        body = {"email": "owner@example.com", "password": STRANGERS}
-        assert (await stranger.post(USERS, json=body)).status_code == 202
-        strangers_link = link_token(await MAILBOX.arrived("owner@example.com", 1))
+        strangers_link = await strangers_sign_up(stranger)
         # The owner never signed up, but opens the link with the password she has.
         body = {"token": strangers_link, "password": PASSWORD}
         assert (await client.post(VERIFY, json=body)).status_code == 403

@@ -5,9 +5,7 @@ real server without SMTP_URL, from the links it writes to its output."""
 
 import base64
 import hashlib
-import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -18,10 +16,9 @@ import pytest
 from harness import copy_of, running_server
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from test_docs_page import CHROMIUM_FLAGS, elsewhere, page_requests
+from test_docs_page import elsewhere, headless_chromium, page_requests
 
 from core.settings import settings
 from main import app
@@ -142,22 +139,8 @@ def server(
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[webdriver.Chrome]:
     """Headless Chromium that records its console and every request of its pages."""
-    chromedriver = shutil.which("chromedriver")
-    if chromedriver is None:
-        pytest.skip("no chromedriver: install Debian's chromium and chromium-driver")
-    options = webdriver.ChromeOptions()
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.set_capability(
-        "goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"}
-    )
-    if "CHROME_BIN" in os.environ:
-        options.binary_location = os.environ["CHROME_BIN"]
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    try:
+    with headless_chromium(("browser", "performance")) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def mailed_link(server: Server, email: str, page: str) -> str:
