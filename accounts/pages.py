@@ -19,9 +19,15 @@ def inline_source(html: str, tag: str) -> str:
     return f"'sha256-{digest}'"
 
 
+PAGES = Path(__file__).parent / "pages"
+SCRIPT = (PAGES / "link.js").read_text()  # the same in each page, its form aside
+
+
 def page(name: str) -> Callable[[], Awaitable[HTMLResponse]]:
-    """Serve accounts/pages/{name}.html, its own script and style alone allowed."""
-    html = (Path(__file__).parent / "pages" / f"{name}.html").read_text()
+    """Serve accounts/pages/{name}.html with the script inline, it and the page's
+    style alone allowed."""
+    html = (PAGES / f"{name}.html").read_text()
+    html = html.replace("<script></script>", f"<script>\n{SCRIPT}</script>")
     script, style = (inline_source(html, tag) for tag in ("script", "style"))
     headers = {
         "Content-Security-Policy": f"default-src 'none'; script-src {script}; "
