@@ -114,7 +114,10 @@ async def made_link(mail_row: RowMapping, held: datetime, digest: str) -> bool |
         tried = mails.update().where(mine).values(tries=mails.c.tries + 1)
         if not (await connection.execute(tried)).rowcount:
             return None
-        await connection.execute(links.delete().where(links.c.expires_at <= now))
+        # Rows another sender is deleting are its to delete: none waits on another.
+        expired = sqlalchemy.select(links.c.digest).where(links.c.expires_at <= now)
+        expired = expired.with_for_update(skip_locked=True)
+        await connection.execute(links.delete().where(links.c.digest.in_(expired)))
         return (await connection.execute(insert)).rowcount == 1
 
 

@@ -41,11 +41,11 @@ async def end_links(user_id: int, email: str) -> None:
     """End the account's links: those made, and those still in the outbox."""
     mails, link_rows = Mails.ormar_config.table, Links.ormar_config.table
     reset = (mails.c.kind == "reset") & (mails.c.email == email)
+    ended = sqlalchemy.select(mails.c.id).where((mails.c.user_id == user_id) | reset)
+    ended = ended.order_by(mails.c.id).with_for_update()  # as sign_up locks them
     async with database.get_query_executor() as executor:
         # The rows first: a link being made for one is then in before the next.
-        await executor.execute(
-            mails.delete().where((mails.c.user_id == user_id) | reset)
-        )
+        await executor.execute(mails.delete().where(mails.c.id.in_(ended)))
         await executor.execute(link_rows.delete().where(link_rows.c.user_id == user_id))
 
 
@@ -70,8 +70,13 @@ async def sign_up(email: str, password: str, allowed: bool) -> None:
     async with database.transaction(), database.connection() as connection:
         created = (await connection.execute(account.returning(users.c.id))).scalar()
         # The rows first: a link being made for one is then in before the next.
-        earlier = mails.update().where(mails.c.kind == "verify", mails.c.email == email)
-        await connection.execute(earlier.values(user_id=None))  # a notice now
+        # Locked in one order (PostgreSQL), or sign-ups at once could deadlock.
+        earlier = sqlalchemy.select(mails.c.id).where(
+            mails.c.kind == "verify", mails.c.email == email
+        )
+        earlier = earlier.order_by(mails.c.id).with_for_update()
+        notices = mails.update().where(mails.c.id.in_(earlier)).values(user_id=None)
+        await connection.execute(notices)
         ended = link_rows.c.user_id.in_(unverified) & (link_rows.c.purpose == "verify")
         await connection.execute(link_rows.delete().where(ended))
         if allowed:
