@@ -142,32 +142,21 @@ async def compose(
     return mail.message(mail_row["email"], subject, text), digest
 
 
-def live(token: str, purposes: tuple[str, ...]) -> sqlalchemy.ColumnElement[bool]:
-    """Where the token's link is, if it is live and for one of `purposes`."""
+async def use_link(token: str, *purposes: str, keep: bool = False) -> RowMapping | None:
+    """Delete the token's link (if `keep`, only read it) if it is live and for one of
+    `purposes`; what it was (`user_id`, `purpose`, `email`). One statement: of two
+    uses at once, one wins."""
     links = Links.ormar_config.table
-    return (
-        (links.c.digest == token_digest(token))
-        & links.c.purpose.in_(purposes)
-        & (links.c.expires_at > datetime.now(UTC))
+    columns = (links.c.user_id, links.c.purpose, links.c.email)
+    live = sqlalchemy.and_(
+        links.c.digest == token_digest(token),
+        links.c.purpose.in_(purposes),
+        links.c.expires_at > datetime.now(UTC),
     )
-
-
-async def find_link(token: str, *purposes: str) -> RowMapping | None:
-    """The token's link if it is live and for one of `purposes`, left as it is."""
-    links = Links.ormar_config.table
-    found = sqlalchemy.select(links.c.user_id, links.c.purpose, links.c.email)
-    async with database.get_query_executor() as executor:
-        return await executor.fetch_one(found.where(live(token, purposes)))
-
-
-async def use_link(token: str, *purposes: str) -> RowMapping | None:
-    """Delete the token's link if it is live and for one of `purposes`; what it was
-    (`user_id`, `purpose`, `email`). One statement: of two uses at once, one wins."""
-    links = Links.ormar_config.table
-    used = links.delete().where(live(token, purposes))
+    used = links.delete().where(live).returning(*columns)
     async with database.get_query_executor() as executor:
         return await executor.fetch_one(
-            used.returning(links.c.user_id, links.c.purpose, links.c.email)
+            sqlalchemy.select(*columns).where(live) if keep else used
         )
 
 

@@ -4,14 +4,7 @@ password, and each user's own account."""
 import secrets
 from typing import Annotated, Any
 
-from fastapi import (
-    APIRouter,
-    Depends,
-    HTTPException,
-    Request,
-    Response,
-    status,
-)
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordRequestForm
 from pydantic import ValidationError
@@ -99,7 +92,7 @@ async def verify_email(
 ) -> None:
     """Prove an address with the token of a link mailed to it and the account's
     password: a sign-up's, or an email change's, which then takes effect."""
-    link = await links.find_link(body.token, "verify", "email")
+    link = await links.use_link(body.token, "verify", "email", keep=True)
     user = await Users.objects.get_or_none(id=link["user_id"]) if link else None
     if link is None or user is None:
         raise BAD_LINK
