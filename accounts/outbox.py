@@ -71,12 +71,10 @@ async def sign_up(email: str, password: str, allowed: bool) -> None:
         created = (await connection.execute(account.returning(users.c.id))).scalar()
         # The rows first: a link being made for one is then in before the next.
         # Locked in one order (PostgreSQL), or sign-ups at once could deadlock.
-        earlier = sqlalchemy.select(mails.c.id).where(
-            mails.c.kind == "verify", mails.c.email == email
-        )
-        earlier = earlier.order_by(mails.c.id).with_for_update()
-        notices = mails.update().where(mails.c.id.in_(earlier)).values(user_id=None)
-        await connection.execute(notices)
+        verify = (mails.c.kind == "verify") & (mails.c.email == email)
+        earlier = sqlalchemy.select(mails.c.id).where(verify).order_by(mails.c.id)
+        notices = mails.update().where(mails.c.id.in_(earlier.with_for_update()))
+        await connection.execute(notices.values(user_id=None))
         ended = link_rows.c.user_id.in_(unverified) & (link_rows.c.purpose == "verify")
         await connection.execute(link_rows.delete().where(ended))
         if allowed:

@@ -16,6 +16,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.dialects.sqlite.base import SQLiteDialect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -78,10 +79,12 @@ class Refused(Exception):
 INTEGER_BITS = {"small_integer": 16, "integer": 32, "big_integer": 64}
 
 
-@sqlalchemy.event.listens_for(sqlalchemy.Engine, "before_cursor_execute", named=True)
-def refuse_as_postgresql(context: Any, **_: Any) -> None:
+# SQLite's own hooks: PostgreSQL's statements never call it, SQLite's reads return.
+@sqlalchemy.event.listens_for(SQLiteDialect, "do_execute")
+@sqlalchemy.event.listens_for(SQLiteDialect, "do_executemany")
+def refuse_as_postgresql(cursor: Any, sql: str, params: Any, context: Any) -> None:
     """On SQLite, refuse the writes PostgreSQL refuses: answer what production will."""
-    if context.dialect.name != "sqlite" or not (context.isinsert or context.isupdate):
+    if not (context.isinsert or context.isupdate):
         return
     for values in context.compiled_parameters:
         for name, value in values.items():
