@@ -153,11 +153,10 @@ async def use_link(token: str, *purposes: str, keep: bool = False) -> RowMapping
         links.c.purpose.in_(purposes),
         links.c.expires_at > datetime.now(UTC),
     )
+    read = sqlalchemy.select(*columns).where(live)
     used = links.delete().where(live).returning(*columns)
     async with database.get_query_executor() as executor:
-        return await executor.fetch_one(
-            sqlalchemy.select(*columns).where(live) if keep else used
-        )
+        return await executor.fetch_one(read if keep else used)
 
 
 def is_unique_violation(error: IntegrityError) -> bool:

@@ -184,9 +184,11 @@ async def database_error(request: Request, error: Exception) -> Response:
             error.add_note(f"{note} {MAKEMIGRATIONS}")
             logger.error("%s %s", note, MAKEMIGRATIONS)
         raise error  # a 500, its traceback (ending with the note) in the log
-    # Outages: a locked or missing SQLite file, a connection killed (invalidated).
+    # Outages: a locked or missing SQLite file, a connection killed (invalidated);
+    # and requests at once that PostgreSQL stopped (a deadlock, say): to be retried.
     outage = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
-    lost = getattr(error, "connection_invalidated", False)
+    conflict = str(getattr(orig, "sqlstate", "")).startswith("40")
+    lost = getattr(error, "connection_invalidated", False) or conflict
     if isinstance(error, sqlalchemy.exc.DBAPIError) and not (
         isinstance(error, outage) or lost
     ):

@@ -21,6 +21,7 @@ import httpx
 import pytest
 import sqlalchemy
 from anyio.abc import TaskGroup
+from fastapi import APIRouter
 from pwdlib import PasswordHash
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -550,3 +551,38 @@ async def test_no_422_quotes_what_the_client_sent(client: httpx.AsyncClient) -> 
         messages, 1
     )
     assert await Users.objects.get(id=ann.id) == ann
+
+
+@pytest.mark.skipif(
+    DATABASE_URL.startswith("sqlite"), reason="SQLite has one writer at a time"
+)
+async def test_requests_that_deadlock_get_a_503_to_retry_never_a_500(
+    client: httpx.AsyncClient,
+) -> None:
+    # Two requests that each lock what the other waits on: PostgreSQL stops one.
+    keys, locked = (8_675_309, 8_675_310), (anyio.Event(), anyio.Event())
+    router = APIRouter()
+
+    @router.post("/probe-deadlock/{first}")
+    async def probe_deadlock(first: int) -> None:
+        lock = sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)")
+        async with database.transaction(), database.connection() as connection:
+            await connection.execute(lock, {"key": keys[first]})
+            locked[first].set()
+            await locked[1 - first].wait()
+            await connection.execute(lock, {"key": keys[1 - first]})
+
+    before = len(main.app.router.routes)
+    main.app.include_router(router)
+    statuses: list[int] = []
+
+    async def send(first: int) -> None:
+        statuses.append((await client.post(f"/probe-deadlock/{first}")).status_code)
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(send, 0)
+            tasks.start_soon(send, 1)
+    finally:
+        del main.app.router.routes[before:]
+    assert sorted(statuses) == [200, 503]
