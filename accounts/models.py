@@ -96,7 +96,7 @@ class Mails(ormar.Model):
     ormar_config = BaseMeta.copy(tablename="mails")
 
     id: int = ormar.Integer(primary_key=True)
-    kind: str = ormar.String(max_length=16)  # one of accounts.links.MAILS
+    kind: str = ormar.String(max_length=16)  # a key of accounts.links.LINKS or NOTICES
     email: str = ormar.String(max_length=Links.ormar_config.table.c.email.type.length)  # type: ignore[attr-defined]
     # The account it is for, if the request knew it (an email change, a new account).
     user: Users | None = ormar.ForeignKey(

@@ -21,13 +21,13 @@ import pytest
 import sqlalchemy
 from aiosmtpd.controller import Controller
 from sqlalchemy.ext.asyncio import create_async_engine
+from test_mail import CONFIRM, HEALTH, ME, RESET, TOKEN, USERS, VERIFY
 from test_throttle import SERVE_OPTIONS
 
 from accounts import links, outbox, passwords
 from accounts.models import Links, Mails
 from core.settings import settings
 from db import Users, database
-from main import app
 from support import (
     MAILBOX,
     PASSWORD,
@@ -44,14 +44,6 @@ from support import (
 
 pytestmark = pytest.mark.anyio
 
-url = app.url_path_for
-USERS, ME, TOKEN = url("create_user"), url("read_me"), url("log_in")
-VERIFY, RESET, CONFIRM = (
-    url("verify_email"),
-    url("request_password_reset"),
-    url("reset_password"),
-)
-HEALTH = url("health")
 STRANGERS = a_password("strangers-s3cret")
 NEW_PASSWORD = a_password("owners-new-s3cret")
 
